@@ -1,0 +1,40 @@
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP_LOCAL := $(VENV)/.installed-local
+STAMP_DEV := $(VENV)/.installed-dev
+DEMO := demo
+
+.PHONY: run test lint typecheck unit bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(STAMP_LOCAL): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[local]'
+	touch $@
+
+$(STAMP_DEV): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[all]'
+	touch $@ $(STAMP_LOCAL)
+
+$(DEMO)/traxd.toml: | $(STAMP_LOCAL)
+	$(BIN)/traxd init --demo $(DEMO)
+
+run: $(STAMP_LOCAL) $(DEMO)/traxd.toml
+	@echo "traxd: drop audio or video files into $(DEMO)/inbox; results appear in $(DEMO)/outputs"
+	$(BIN)/traxd run --config $(DEMO)/traxd.toml
+
+lint: $(STAMP_DEV)
+	$(BIN)/ruff check traxd tests bench
+	$(BIN)/mypy
+
+test: $(STAMP_DEV) lint
+	$(BIN)/pytest -q -ra
+
+bench: $(STAMP_DEV)
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) $(DEMO) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,3 @@
+from traxd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,111 @@
+"""Error classes and classification: every failure is retry, permanent or fatal."""
+
+from __future__ import annotations
+
+import random
+from enum import Enum
+
+
+class Category(str, Enum):
+    RETRY = "retry"
+    PERMANENT = "permanent"
+    FATAL = "fatal"
+
+
+class TraxdError(Exception):
+    """Base of traxd's own errors; `category` says what the pool does with it."""
+
+    category = Category.PERMANENT
+
+    def __init__(self, message: str, *, reason: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason or type(self).__name__
+
+
+class ConfigError(TraxdError):
+    """The configuration cannot be loaded: names the file, the key and the reason."""
+
+    def __init__(self, file: str, key: str, reason: str) -> None:
+        super().__init__(f"{file}: {key}: {reason}", reason="config")
+        self.file, self.key, self.why = file, key, reason
+
+
+class Retry(TraxdError):
+    """Try again later; `defer` (seconds) overrides the computed back-off (Retry-After)."""
+
+    category = Category.RETRY
+
+    def __init__(self, message: str, *, reason: str = "", defer: float | None = None) -> None:
+        super().__init__(message, reason=reason)
+        self.defer = defer
+
+
+class Permanent(TraxdError):
+    """Retrying cannot help: bad media, unsupported input, a rejected request."""
+
+    category = Category.PERMANENT
+
+
+class BackendFatal(TraxdError):
+    """The backend itself is unusable (bad key, missing model): pause it, keep the files."""
+
+    category = Category.FATAL
+
+    def __init__(self, message: str, *, backend: str, reason: str = "") -> None:
+        super().__init__(message, reason=reason or "backend")
+        self.backend = backend
+
+
+class StepTimeout(Retry):
+    """A step ran past its time limit or made no progress for `stall_seconds`."""
+
+
+class ResourceExceeded(Retry):
+    """A job went over its memory limit and was stopped."""
+
+
+class JournalError(Exception):
+    """The journal cannot be opened or is corrupt; nothing is touched."""
+
+
+class AlreadyRunning(Exception):
+    """Another traxd holds this state directory."""
+
+
+def classify_http_status(status: int) -> Category:
+    """Map an HTTP status of a provider's answer to a category."""
+    if status in (401, 403):
+        return Category.FATAL
+    if status in (408, 409, 429) or status >= 500:
+        return Category.RETRY
+    return Category.PERMANENT
+
+
+def classify_exception(exc: BaseException) -> Category:
+    """Category of any exception; unknown OS-level trouble is worth a retry."""
+    if isinstance(exc, TraxdError):
+        return exc.category
+    if isinstance(exc, TimeoutError | ConnectionError):
+        return Category.RETRY
+    if isinstance(exc, OSError):
+        return Category.RETRY if exc.errno in _TRANSIENT_ERRNOS else Category.PERMANENT
+    return Category.PERMANENT
+
+
+_TRANSIENT_ERRNOS = frozenset({4, 11, 12, 16, 23, 24, 28, 110, 111, 112, 113, 122})  # EINTR … EDQUOT
+
+
+def compute_backoff(
+    attempts: int,
+    *,
+    factor: float = 5.0,
+    jitter: bool = True,
+    max_backoff: float = 3600.0,
+    rng: random.Random | None = None,
+) -> float:
+    """Seconds to wait before attempt `attempts + 1`: exponential, capped, full jitter."""
+    ceiling = min(max_backoff, factor * (2 ** max(attempts - 1, 0)))
+    if not jitter:
+        return ceiling
+    return (rng or random).uniform(0, ceiling)

@@ -1,0 +1,62 @@
+"""structlog set-up: JSON under a service manager, console on a terminal; secrets redacted."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+import structlog
+from structlog.typing import FilteringBoundLogger
+
+_SECRET_KEYS = re.compile(r"(api[_-]?key|token|secret|password|authorization)", re.IGNORECASE)
+_SECRET_VALUES = re.compile(r"\b(sk-[A-Za-z0-9_\-]{8,}|Bearer\s+[A-Za-z0-9._\-]{8,})")
+REDACTED = "[redacted]"
+
+
+def redact_text(text: str) -> str:
+    """Hide anything shaped like an API key or bearer token."""
+    return _SECRET_VALUES.sub(REDACTED, text)
+
+
+def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for key, value in list(event.items()):
+        if _SECRET_KEYS.search(key):
+            event[key] = REDACTED
+        elif isinstance(value, str):
+            event[key] = redact_text(value)
+    return event
+
+
+def wants_json(log_format: str, stream: TextIO) -> bool:
+    if log_format != "auto":
+        return log_format == "json"
+    under_manager = "INVOCATION_ID" in os.environ or "XPC_SERVICE_NAME" in os.environ
+    return under_manager or not stream.isatty()
+
+
+def configure(log_format: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
+    out = stream or sys.stderr
+    renderer: Any = (structlog.processors.JSONRenderer() if wants_json(log_format, out)
+                     else structlog.dev.ConsoleRenderer(colors=out.isatty()))
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            redact,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(out),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(**context: Any) -> FilteringBoundLogger:
+    logger: FilteringBoundLogger = structlog.get_logger("traxd")
+    return logger.bind(**context) if context else logger

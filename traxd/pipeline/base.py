@@ -1,0 +1,73 @@
+"""The step interface: what a pipeline step gets and what it gives back."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from structlog.typing import FilteringBoundLogger
+
+from traxd.config import Settings
+from traxd.procs import ProcessLimits
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """The file a job is about."""
+
+    job_id: int
+    inbox: str
+    name: str  # path relative to the inbox, e.g. "talks/intro.mp3"
+    sha256: str
+    size: int
+
+    @property
+    def stem(self) -> str:
+        return Path(self.name).stem
+
+    @property
+    def filename(self) -> str:
+        return Path(self.name).name
+
+
+@dataclass(frozen=True)
+class StepContext:
+    job: JobInfo
+    input: Path  # the media this step works on: the original, or an earlier step's `media`
+    source: Path  # the original file, claimed into processing/
+    workdir: Path  # an empty folder of this step's own; whatever the step keeps goes here
+    facts: Mapping[str, Any]  # JSON-able facts from earlier steps (duration, language, ...)
+    artifacts: Mapping[str, Path]  # outputs of earlier steps: output file name -> file
+    settings: Settings
+    formats: tuple[str, ...]  # transcript formats the inbox asks for
+    limits: ProcessLimits  # for every child process the step starts
+    log: FilteringBoundLogger
+    progress: Callable[[float], None]  # fraction done, 0..1
+
+
+@dataclass
+class StepResult:
+    # Output file name (e.g. "talk.srt") -> a file under the step's workdir. Published into
+    # outputs/ when the whole pipeline has succeeded; a later step's artifact of the same
+    # name replaces an earlier one.
+    artifacts: dict[str, Path] = field(default_factory=dict)
+    media: Path | None = None  # the input of the next step; None keeps the current one
+    facts: dict[str, Any] = field(default_factory=dict)  # merged into the job's facts
+    spawn: list[Path] = field(default_factory=list)  # files to drop into the inbox as new jobs
+    finish: bool = False  # end the pipeline after this step (e.g. a link list that was split)
+
+
+class Step(Protocol):
+    """One stage of a pipeline. Built once per daemon and shared by all jobs."""
+
+    name: str
+
+    async def run(self, ctx: StepContext) -> StepResult:
+        """Do the work; raise a traxd.errors class (Retry, Permanent, BackendFatal) on failure."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release what the step holds (model processes, HTTP clients)."""
+        ...

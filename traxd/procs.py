@@ -1,0 +1,177 @@
+"""Child processes as asyncio subprocesses: argv only, limits watched, stopped with escalation."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from traxd.errors import ResourceExceeded, StepTimeout
+
+LineHandler = Callable[[str], None]
+
+WATCH_INTERVAL = 0.5
+STOP_ESCALATION = ((signal.SIGINT, 2.0), (signal.SIGTERM, 3.0))
+
+
+@dataclass(frozen=True)
+class ProcessLimits:
+    timeout: float | None = None  # wall-clock seconds
+    stall_seconds: float | None = None  # no output and no CPU time for this long
+    memory_limit_mb: int | None = None  # resident memory of the whole process tree
+
+
+@dataclass(frozen=True)
+class ProcessResult:
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: bytes
+    stderr_tail: str
+    peak_rss_mb: float
+
+    @property
+    def signal_name(self) -> str | None:
+        """The signal that ended the process (WTERMSIG), if one did."""
+        if self.returncode < 0:
+            return signal.Signals(-self.returncode).name
+        return None
+
+
+class _Watch:
+    """What the watcher learns about a running tree: activity, peak memory, the verdict."""
+
+    def __init__(self, now: float) -> None:
+        self.last_activity = now
+        self.cpu_seconds = 0.0
+        self.peak_rss_mb = 0.0
+        self.verdict: Exception | None = None
+
+
+async def run_process(
+    argv: Sequence[str],
+    *,
+    limits: ProcessLimits = ProcessLimits(),
+    on_stdout_line: LineHandler | None = None,
+    capture_stdout: bool = False,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    stderr_lines: int = 40,
+) -> ProcessResult:
+    """Run argv to its end; limits breached raise StepTimeout or ResourceExceeded.
+
+    Cancelling the awaiting task stops the process group: SIGINT, SIGTERM, then SIGKILL.
+    """
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=cwd,
+        env=dict(env) if env is not None else None,
+        start_new_session=True,
+    )
+    watch = _Watch(time.monotonic())
+    tail: deque[str] = deque(maxlen=stderr_lines)
+    stdout = bytearray()
+    try:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(_pump(proc.stdout, watch, on_stdout_line, stdout if capture_stdout else None))
+            group.create_task(_pump(proc.stderr, watch, tail.append, None))
+            watcher = group.create_task(_watch(proc, limits, watch))
+            await proc.wait()
+            watcher.cancel()
+    except BaseException:
+        await asyncio.shield(stop_process(proc))
+        raise
+    if watch.verdict is not None:
+        raise watch.verdict
+    return ProcessResult(tuple(argv), proc.returncode or 0, bytes(stdout), "\n".join(tail),
+                         watch.peak_rss_mb)
+
+
+async def _pump(
+    stream: asyncio.StreamReader | None,
+    watch: _Watch,
+    handler: LineHandler | None,
+    keep: bytearray | None,
+) -> None:
+    if stream is None:
+        return
+    while line := await stream.readline():
+        watch.last_activity = time.monotonic()
+        if keep is not None:
+            keep.extend(line)
+        if handler is not None:
+            handler(line.decode("utf-8", "replace").rstrip("\r\n"))
+
+
+async def _watch(proc: asyncio.subprocess.Process, limits: ProcessLimits, watch: _Watch) -> None:
+    started = time.monotonic()
+    with contextlib.suppress(psutil.Error):
+        root = psutil.Process(proc.pid)
+        while proc.returncode is None:
+            await asyncio.sleep(WATCH_INTERVAL)
+            watch.verdict = _verdict(root, limits, watch, started, time.monotonic())
+            if watch.verdict is not None:
+                await stop_process(proc)
+                return
+
+
+def _verdict(
+    root: psutil.Process, limits: ProcessLimits, watch: _Watch, started: float, now: float
+) -> Exception | None:
+    rss, cpu = tree_usage(root)
+    watch.peak_rss_mb = max(watch.peak_rss_mb, rss)
+    if cpu > watch.cpu_seconds + 0.01:
+        watch.cpu_seconds, watch.last_activity = cpu, now
+    if limits.memory_limit_mb and rss > limits.memory_limit_mb:
+        return ResourceExceeded(
+            f"stopped at {rss:.0f} MB resident, over the {limits.memory_limit_mb} MB limit",
+            reason="memory")
+    if limits.timeout and now - started > limits.timeout:
+        return StepTimeout(f"stopped after {limits.timeout:.0f} s (step timeout)", reason="timeout")
+    if limits.stall_seconds and now - watch.last_activity > limits.stall_seconds:
+        return StepTimeout(f"stopped: no progress for {limits.stall_seconds:.0f} s",
+                           reason="stall")
+    return None
+
+
+def tree_usage(root: psutil.Process) -> tuple[float, float]:
+    """Resident MB and CPU seconds of a process and all its descendants."""
+    rss = cpu = 0.0
+    try:
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0.0, 0.0
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            rss += proc.memory_info().rss / 2**20
+            times = proc.cpu_times()
+            cpu += times.user + times.system
+    return rss, cpu
+
+
+async def stop_process(proc: asyncio.subprocess.Process) -> None:
+    """Stop a process group: SIGINT, wait, SIGTERM, wait, SIGKILL."""
+    for sig, grace in STOP_ESCALATION:
+        if proc.returncode is not None:
+            return
+        _signal_group(proc.pid, sig)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(proc.wait(), grace)
+    if proc.returncode is None:
+        _signal_group(proc.pid, signal.SIGKILL)
+        await proc.wait()
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
