@@ -221,7 +221,7 @@ def _typed(kind: type, *, minimum: float | None = None, maximum: float | None = 
     def convert(value: object) -> object:
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
             raise ValueError(f"expected {kind.__name__}, got {type(value).__name__}")
         if minimum is not None and value < minimum:  # type: ignore[operator]
             raise ValueError(f"must be at least {minimum}")

@@ -93,7 +93,8 @@ def classify_exception(exc: BaseException) -> Category:
     return Category.PERMANENT
 
 
-_TRANSIENT_ERRNOS = frozenset({4, 11, 12, 16, 23, 24, 28, 110, 111, 112, 113, 122})  # EINTR … EDQUOT
+# EINTR, EAGAIN, ENOMEM, EBUSY, ENFILE, EMFILE, ENOSPC, ETIMEDOUT, ECONNREFUSED, …, EDQUOT
+_TRANSIENT_ERRNOS = frozenset({4, 11, 12, 16, 23, 24, 28, 110, 111, 112, 113, 122})
 
 
 def compute_backoff(
@@ -105,7 +106,8 @@ def compute_backoff(
     rng: random.Random | None = None,
 ) -> float:
     """Seconds to wait before attempt `attempts + 1`: exponential, capped, full jitter."""
-    ceiling = min(max_backoff, factor * (2 ** max(attempts - 1, 0)))
+    ceiling = min(max_backoff, factor * 2.0 ** max(attempts - 1, 0))
     if not jitter:
         return ceiling
-    return (rng or random).uniform(0, ceiling)
+    source: random.Random = rng or random.Random()
+    return source.uniform(0, ceiling)

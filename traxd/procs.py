@@ -83,7 +83,8 @@ async def run_process(
     stdout = bytearray()
     try:
         async with asyncio.TaskGroup() as group:
-            group.create_task(_pump(proc.stdout, watch, on_stdout_line, stdout if capture_stdout else None))
+            keep = stdout if capture_stdout else None
+            group.create_task(_pump(proc.stdout, watch, on_stdout_line, keep))
             group.create_task(_pump(proc.stderr, watch, tail.append, None))
             watcher = group.create_task(_watch(proc, limits, watch))
             await proc.wait()

@@ -1,0 +1,109 @@
+"""APScheduler ticks that gather ready jobs into batches for the pool."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+
+from traxd import metrics
+from traxd.journal import Job, Journal
+from traxd.logs import get_logger
+from traxd.pool import WorkerPool
+
+OpenInboxes = Callable[[float], Sequence[str]]
+
+
+def order_jobs(jobs: Iterable[Job]) -> list[Job]:
+    """Inbox priority first (lower first), then the largest file first (LPT order)."""
+    return sorted(jobs, key=lambda j: (j.priority, -j.size, j.id))
+
+
+def group_by_size(jobs: Sequence[Job], groups: int) -> list[list[Job]]:
+    """Fixed groups of near-equal total size (greedy LPT), where a backend needs them."""
+    bins: list[list[Job]] = [[] for _ in range(max(1, groups))]
+    totals = [0] * len(bins)
+    for job in order_jobs(jobs):
+        smallest = totals.index(min(totals))
+        bins[smallest].append(job)
+        totals[smallest] += job.size
+    return [b for b in bins if b]
+
+
+@dataclass
+class Batch:
+    id: str
+    job_ids: set[int]
+    files: int
+    bytes: int
+    started: float = field(default_factory=time.monotonic)
+    outcomes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> int:
+        return sum(self.outcomes.values())
+
+
+class Batcher:
+    """Every `batch_interval`, hands the ready jobs of open inboxes to the pool as one batch."""
+
+    def __init__(self, journal: Journal, pool: WorkerPool, open_inboxes: OpenInboxes,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.journal = journal
+        self.pool = pool
+        self.open_inboxes = open_inboxes
+        self.clock = clock
+        self.scheduler = AsyncIOScheduler()
+        self._batch_of: dict[int, Batch] = {}
+        self._log = get_logger(component="batcher")
+
+    def start(self, interval: float) -> None:
+        self.scheduler.add_job(self.tick, IntervalTrigger(seconds=interval), id="batch",
+                               next_run_time=datetime.now() + timedelta(milliseconds=10),
+                               max_instances=1, coalesce=True, misfire_grace_time=None)
+        self.scheduler.start()
+
+    def reschedule(self, interval: float) -> None:
+        self.scheduler.reschedule_job("batch", trigger=IntervalTrigger(seconds=interval))
+
+    def shutdown(self) -> None:
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
+
+    async def tick(self) -> Batch | None:
+        now = self.clock()
+        inboxes = list(self.open_inboxes(now))
+        jobs = [j for j in self.journal.ready(now, inboxes) if j.id not in self.pool]
+        self._publish_depth()
+        if not jobs or not self.pool.accepting:
+            return None
+        batch = Batch(uuid.uuid4().hex[:12], set(), len(jobs), sum(j.size for j in jobs))
+        for job in order_jobs(jobs):
+            if self.pool.submit(job.id, job.priority, job.size):
+                batch.job_ids.add(job.id)
+                self._batch_of[job.id] = batch
+        self._log.info("batch_formed", batch_id=batch.id, files=batch.files, bytes=batch.bytes)
+        return batch
+
+    def job_finished(self, job_id: int, outcome: str) -> None:
+        """Count an outcome; log the batch summary when its last job ends."""
+        batch = self._batch_of.pop(job_id, None)
+        if batch is None:
+            return
+        batch.outcomes[outcome] = batch.outcomes.get(outcome, 0) + 1
+        if batch.finished == len(batch.job_ids):
+            wall = round(time.monotonic() - batch.started, 3)
+            self._log.info("batch_finished", batch_id=batch.id, files=batch.files,
+                           bytes=batch.bytes, wall_seconds=wall, **batch.outcomes)
+        self._publish_depth()
+
+    def _publish_depth(self) -> None:
+        counts = self.journal.counts()
+        for inbox, states in counts.items():
+            metrics.QUEUE_DEPTH.labels(inbox=inbox).set(states.get("queued", 0))
+            metrics.JOBS_IN_PROGRESS.labels(inbox=inbox).set(states.get("running", 0))

@@ -1,0 +1,192 @@
+"""The folders beside an inbox, file names in them, and moves and writes that survive a crash."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from traxd.config import FolderNames, InboxSettings
+
+TMP_SUFFIX = ".traxd-tmp"
+IGNORED_SUFFIXES = (".part", ".tmp", ".crdownload", ".download", TMP_SUFFIX)
+
+
+@dataclass(frozen=True)
+class InboxFolders:
+    """An inbox and its siblings: X/inbox, X/processing, X/done, X/outputs, X/failed."""
+
+    inbox: Path
+    processing: Path
+    done: Path
+    outputs: Path
+    failed: Path
+
+    @classmethod
+    def of(cls, inbox: InboxSettings, names: FolderNames) -> InboxFolders:
+        root = inbox.path.parent
+        return cls(inbox.path, root / names.processing, root / names.done,
+                   root / names.outputs, root / names.failed)
+
+    def all(self) -> tuple[Path, ...]:
+        return (self.inbox, self.processing, self.done, self.outputs, self.failed)
+
+    def create(self) -> None:
+        for folder in self.all():
+            folder.mkdir(parents=True, exist_ok=True)
+
+
+def is_ignored(name: str) -> bool:
+    """Names still being written or hidden: `.x`, `~x`, `x.part`, `x.tmp`, `x.crdownload`, …"""
+    return name.startswith((".", "~")) or name.lower().endswith(IGNORED_SUFFIXES)
+
+
+def relative_name(root: Path, path: Path) -> str | None:
+    """`path` relative to `root` as a posix string; None when outside or any part is ignored."""
+    try:
+        rel = PurePosixPath(path.relative_to(root).as_posix())
+    except ValueError:
+        return None
+    if not rel.parts or any(is_ignored(part) for part in rel.parts):
+        return None
+    return str(rel)
+
+
+def scan(root: Path) -> Iterator[str]:
+    """Relative names of candidate files under root, never following symbolic links."""
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        base = Path(dirpath)
+        dirnames[:] = [d for d in dirnames if not is_ignored(d) and not (base / d).is_symlink()]
+        for name in filenames:
+            rel = relative_name(root, base / name)
+            if rel is not None:
+                yield rel
+        for name in dirnames:
+            if (base / name).is_symlink():
+                yield str(PurePosixPath((base / name).relative_to(root).as_posix()))
+
+
+def numbered(name: str, n: int) -> str:
+    """`talk.mp3` -> `talk (n).mp3`; `archive.tar.gz` keeps only the last suffix."""
+    path = PurePosixPath(name)
+    return str(path.with_name(f"{path.stem} ({n}){path.suffix}"))
+
+
+def unique_path(folder: Path, rel: str, taken: set[Path] | None = None) -> Path:
+    """A path under folder for rel that exists nowhere yet: `x.mp3`, `x (1).mp3`, …"""
+    candidate, n = folder / rel, 0
+    while os.path.lexists(candidate) or (taken is not None and candidate in taken):
+        n += 1
+        candidate = folder / numbered(rel, n)
+    return candidate
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def tmp_path_for(dest: Path) -> Path:
+    return dest.with_name(f".{dest.name}{TMP_SUFFIX}")
+
+
+def write_atomic(dest: Path, data: bytes) -> None:
+    """Write data to dest so that dest is either absent/old or complete, never partial."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path_for(dest)
+    try:
+        with tmp.open("wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    fsync_dir(dest.parent)
+
+
+def copy_atomic(src: Path, dest: Path) -> None:
+    """Copy src to dest through a temporary file, fsync, os.replace."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path_for(dest)
+    try:
+        with src.open("rb") as fin, tmp.open("wb") as fout:
+            shutil.copyfileobj(fin, fout, 1 << 20)
+            fout.flush()
+            os.fsync(fout.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    fsync_dir(dest.parent)
+
+
+def move(src: Path, dest: Path) -> None:
+    """Rename src to dest; across filesystems copy, fsync, rename, then unlink src.
+
+    dest must not exist (callers pick it with unique_path); a symbolic link is moved as a link.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(src, dest)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        if src.is_symlink():
+            os.symlink(os.readlink(src), dest)
+        else:
+            copy_atomic(src, dest)
+        src.unlink()
+    fsync_dir(dest.parent)
+    if src.parent != dest.parent:
+        fsync_dir(src.parent)
+
+
+def remove_empty_parents(path: Path, stop: Path) -> None:
+    """Remove empty folders from path's parent up to, not including, stop."""
+    folder = path.parent
+    while folder != stop and folder.is_relative_to(stop):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        folder = folder.parent
+
+
+def sweep_temporaries(folder: Path) -> int:
+    """Delete temporary files left by a crash mid-write; returns how many."""
+    removed = 0
+    if not folder.is_dir():
+        return 0
+    for dirpath, _, filenames in os.walk(folder, followlinks=False):
+        for name in filenames:
+            if name.startswith(".") and name.endswith(TMP_SUFFIX):
+                (Path(dirpath) / name).unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
+def describe_unprocessable(path: Path) -> str | None:
+    """Why a path in the inbox cannot be processed as a regular file, or None when it can."""
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return "the file vanished from the inbox"
+    if stat.S_ISLNK(info.st_mode):
+        return "a symbolic link: traxd never follows links; move or copy the file in instead"
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file (a FIFO, socket or device)"
+    if not os.access(path, os.R_OK):
+        return "no read permission for the traxd user"
+    return None

@@ -1,0 +1,58 @@
+"""Builds steps from an inbox's `pipeline` list, once per daemon, and closes them at the end."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+
+from traxd.config import Settings, StepSpec
+from traxd.pipeline.base import Step
+from traxd.pipeline.command import CommandStep
+
+# step name -> (module, class); imported when first used, so an unused step costs nothing.
+BUILTIN_STEPS = {
+    "download": ("traxd.pipeline.ytdlp", "DownloadStep"),
+    "preprocess": ("traxd.pipeline.ffmpeg", "PreprocessStep"),
+    "transcribe": ("traxd.pipeline.transcribe", "TranscribeStep"),
+    "enhance": ("traxd.pipeline.enhance", "EnhanceStep"),
+}
+
+
+def step_label(spec: StepSpec) -> str:
+    return spec if isinstance(spec, str) else "command"
+
+
+def backend_of(spec: StepSpec, settings: Settings) -> str | None:
+    """The backend a step depends on (what a fatal error pauses), if any."""
+    if spec == "transcribe":
+        return settings.transcribe.backend
+    if spec == "enhance":
+        return "enhance"
+    return None
+
+
+class StepRegistry:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._steps: dict[StepSpec, Step] = {}
+
+    def get(self, spec: StepSpec) -> Step:
+        if spec not in self._steps:
+            self._steps[spec] = self._build(spec)
+        return self._steps[spec]
+
+    def _build(self, spec: StepSpec) -> Step:
+        if isinstance(spec, tuple):
+            return CommandStep(spec)
+        module_name, class_name = BUILTIN_STEPS[spec]
+        step_class = getattr(importlib.import_module(module_name), class_name)
+        step: Step = step_class(self.settings)
+        return step
+
+    def backends(self, pipeline: Sequence[StepSpec]) -> set[str]:
+        return {b for spec in pipeline if (b := backend_of(spec, self.settings)) is not None}
+
+    async def aclose(self) -> None:
+        steps, self._steps = list(self._steps.values()), {}
+        for step in steps:
+            await step.aclose()
