@@ -73,6 +73,14 @@ class AlreadyRunning(Exception):
     """Another traxd holds this state directory."""
 
 
+class ControlUnavailable(Exception):
+    """No daemon answers on the control socket (not running, or no permission)."""
+
+
+class ControlRejected(Exception):
+    """The daemon answered a control request with an error (unknown inbox, bad request)."""
+
+
 def classify_http_status(status: int) -> Category:
     """Map an HTTP status of a provider's answer to a category."""
     if status in (401, 403):

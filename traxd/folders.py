@@ -61,14 +61,12 @@ def scan(root: Path) -> Iterator[str]:
     """Relative names of candidate files under root, never following symbolic links."""
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         base = Path(dirpath)
-        dirnames[:] = [d for d in dirnames if not is_ignored(d) and not (base / d).is_symlink()]
-        for name in filenames:
+        linked = [d for d in dirnames if (base / d).is_symlink()]
+        dirnames[:] = [d for d in dirnames if not is_ignored(d) and d not in linked]
+        for name in [*filenames, *linked]:  # a linked folder is reported, to be refused
             rel = relative_name(root, base / name)
             if rel is not None:
                 yield rel
-        for name in dirnames:
-            if (base / name).is_symlink():
-                yield str(PurePosixPath((base / name).relative_to(root).as_posix()))
 
 
 def numbered(name: str, n: int) -> str:

@@ -36,6 +36,10 @@ class StepRegistry:
         self.settings = settings
         self._steps: dict[StepSpec, Step] = {}
 
+    def register(self, spec: StepSpec, step: Step) -> None:
+        """Use `step` for `spec` (a plug-in, or a scripted step in tests)."""
+        self._steps[spec] = step
+
     def get(self, spec: StepSpec) -> Step:
         if spec not in self._steps:
             self._steps[spec] = self._build(spec)

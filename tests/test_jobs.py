@@ -1,0 +1,199 @@
+"""Job runner: claim, steps with checkpoints, outputs, done/failed, retries, crash repeats."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.helpers import copy_step, files_under, with_pipeline
+from traxd.config import Settings
+from traxd.errors import BackendFatal, Permanent, Retry
+from traxd.folders import InboxFolders
+from traxd.jobs import BackendGate, JobRunner, Outcome
+from traxd.journal import Job, Journal, JobState
+from traxd.logs import get_logger
+from traxd.pipeline.base import StepContext, StepResult
+from traxd.pipeline.command import render_argv
+from traxd.pipeline.registry import StepRegistry
+
+
+@dataclass
+class ScriptedStep:
+    """Writes <stem>.<name> and counts its runs; raises the scripted errors first."""
+
+    name: str
+    errors: list[Exception] = field(default_factory=list)
+    runs: int = 0
+
+    async def run(self, ctx: StepContext) -> StepResult:
+        self.runs += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        out = ctx.workdir / f"{ctx.job.stem}.{self.name}"
+        out.write_text(f"{self.name} of {ctx.input.name}")
+        return StepResult(artifacts={out.name: out}, facts={"duration": 2.5})
+
+    async def aclose(self) -> None:
+        return None
+
+
+class Harness:
+    def __init__(self, settings: Settings, *steps: ScriptedStep) -> None:
+        pipeline = [s.name for s in steps]
+        self.settings = with_pipeline(settings, *pipeline) if steps else settings
+        self.journal = Journal.open(settings.daemon.state_dir / "j.sqlite3")
+        self.registry = StepRegistry(self.settings)
+        for step in steps:
+            self.registry.register(step.name, step)
+        self.gate = BackendGate()
+        self.runner = JobRunner(self.settings, self.journal, self.registry, self.gate)
+        self.folders = InboxFolders.of(self.settings.inboxes[0], self.settings.folders)
+        self.folders.create()
+
+    def drop(self, rel: str, data: bytes = b"media") -> Job:
+        path = self.folders.inbox / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        info = path.stat()
+        job = self.journal.add_seen("main", rel, info.st_size, info.st_mtime_ns, 5, now=1.0)
+        return self.journal.update(job.id, 1.0, state=JobState.QUEUED, sha256="ab")
+
+
+async def test_done_job_publishes_outputs_and_moves_the_original(settings: Settings) -> None:
+    h = Harness(settings, ScriptedStep("a"), ScriptedStep("b"))
+    job = h.drop("talks/intro.mp3")
+    assert await h.runner.run(job.id) is Outcome.DONE
+    assert files_under(h.folders.outputs) == ["talks/intro.a", "talks/intro.b"]
+    assert files_under(h.folders.done) == ["talks/intro.mp3"]
+    assert files_under(h.folders.inbox) == files_under(h.folders.processing) == []
+    assert h.journal.get(job.id).state is JobState.DONE
+    assert not (h.runner.work_root / str(job.id)).exists()
+
+
+async def test_names_taken_in_outputs_and_done_get_numbers(settings: Settings) -> None:
+    h = Harness(settings, ScriptedStep("a"))
+    for _ in range(2):
+        job = h.drop("x.mp3")
+        assert await h.runner.run(job.id) is Outcome.DONE
+    assert files_under(h.folders.outputs) == ["x (1).a", "x.a"]
+    assert files_under(h.folders.done) == ["x (1).mp3", "x.mp3"]
+
+
+async def test_permanent_error_fails_with_a_sidecar(settings: Settings) -> None:
+    h = Harness(settings, ScriptedStep("a"), ScriptedStep("b", [Permanent("no audio stream")]))
+    job = h.drop("sub/bad.mp4")
+    assert await h.runner.run(job.id) is Outcome.FAILED
+    assert files_under(h.folders.failed) == ["sub/bad.mp4", "sub/bad.mp4.error.json"]
+    sidecar = json.loads((h.folders.failed / "sub/bad.mp4.error.json").read_text())
+    assert sidecar["category"] == "permanent"
+    assert sidecar["message"] == "no audio stream"
+    assert sidecar["step"] == "b"
+    assert sidecar["attempts"] == 1
+    assert sidecar["file"] == "sub/bad.mp4"
+    assert {"first_seen", "started", "failed_at"} <= set(sidecar)
+    assert files_under(h.folders.outputs) == []
+
+
+async def test_retry_resumes_after_the_last_finished_step(settings: Settings) -> None:
+    first, second = ScriptedStep("a"), ScriptedStep("b", [Retry("HTTP 503", reason="http")])
+    h = Harness(settings, first, second)
+    job = h.drop("x.mp3")
+    assert await h.runner.run(job.id) is Outcome.RETRY
+    again = h.journal.get(job.id)
+    assert again.state is JobState.QUEUED
+    assert again.step == 1
+    assert again.priority == job.priority + 1
+    assert again.not_before > 1.0
+    assert await h.runner.run(job.id) is Outcome.DONE
+    assert (first.runs, second.runs) == (1, 2)
+    assert files_under(h.folders.outputs) == ["x.a", "x.b"]
+
+
+async def test_retries_are_capped_then_the_file_fails(settings: Settings) -> None:
+    errors: list[Exception] = [Retry("timeout", reason="timeout") for _ in range(10)]
+    h = Harness(settings, ScriptedStep("a", errors))
+    job = h.drop("x.mp3")
+    outcomes = [await h.runner.run(job.id) for _ in range(settings.daemon.max_retries + 1)]
+    assert outcomes[:-1] == [Outcome.RETRY] * settings.daemon.max_retries
+    assert outcomes[-1] is Outcome.FAILED
+    sidecar = json.loads((h.folders.failed / "x.mp3.error.json").read_text())
+    assert sidecar["category"] == "retry"
+    assert sidecar["attempts"] == settings.daemon.max_retries + 1
+
+
+async def test_fatal_backend_error_pauses_the_backend_and_keeps_the_file(
+        settings: Settings) -> None:
+    h = Harness(settings, ScriptedStep("a", [BackendFatal("401 bad key", backend="openai")]))
+    job = h.drop("x.mp3")
+    assert await h.runner.run(job.id) is Outcome.WAITING
+    assert h.gate.paused == {"openai": "401 bad key"}
+    assert h.journal.get(job.id).state is JobState.WAITING
+    assert files_under(h.folders.failed) == []
+    assert files_under(h.folders.processing) == ["x.mp3"]
+
+
+async def test_a_symlink_in_the_inbox_is_refused_not_followed(settings: Settings,
+                                                              tmp_path: Path) -> None:
+    h = Harness(settings, ScriptedStep("a"))
+    secret = tmp_path / "secret.txt"
+    secret.write_text("do not read")
+    (h.folders.inbox / "link.mp3").symlink_to(secret)
+    job = h.journal.add_seen("main", "link.mp3", 0, 0, 5, now=1.0)
+    h.journal.update(job.id, 1.0, state=JobState.QUEUED)
+    assert await h.runner.run(job.id) is Outcome.FAILED
+    assert (h.folders.failed / "link.mp3").is_symlink()
+    sidecar = json.loads((h.folders.failed / "link.mp3.error.json").read_text())
+    assert "symbolic link" in sidecar["message"]
+    assert secret.read_text() == "do not read"
+
+
+async def test_finalize_repeats_cleanly_after_a_crash_before_the_move(settings: Settings) -> None:
+    h = Harness(settings, ScriptedStep("a"))
+    job = h.drop("x.mp3")
+    log = get_logger()
+    claimed = h.runner.claim(job, log)
+    assert claimed is not None
+    # Given a crash right after the destination was written down, before the move
+    final = h.runner.destination(claimed, JobState.DONE)
+    prepared = h.journal.update(job.id, 2.0, final_path=str(final), outcome=JobState.DONE)
+    # When the job is run again (as recovery does)
+    assert await h.runner.run(prepared.id) is Outcome.DONE
+    # Then the original is in done/ once and nowhere else
+    assert files_under(h.folders.done) == ["x.mp3"]
+    assert files_under(h.folders.processing) == []
+
+
+async def test_publish_repeats_into_the_same_names(settings: Settings) -> None:
+    h = Harness(settings, ScriptedStep("a"))
+    (h.folders.outputs / "x.a").parent.mkdir(parents=True, exist_ok=True)
+    job = h.drop("x.mp3")
+    claimed = h.runner.claim(job, get_logger())
+    assert claimed is not None
+    from traxd.jobs import PipelineState
+
+    artifact = h.runner.work_root / "x.a"
+    artifact.parent.mkdir(parents=True, exist_ok=True)
+    artifact.write_text("out")
+    state = PipelineState(artifacts={"x.a": str(artifact)})
+    h.runner.publish(claimed, state)
+    h.runner.publish(h.journal.get(job.id), state)  # a repeat after a crash
+    assert files_under(h.folders.outputs) == ["x.a"]
+
+
+async def test_command_step_runs_a_real_program(settings: Settings, tmp_path: Path) -> None:
+    ledger = tmp_path / "ledger"
+    h = Harness(with_pipeline(settings, tuple(copy_step(ledger))))
+    ok, bad = h.drop("-rf.mp3", b"good"), h.drop("bad.mp3", b"FAIL now")
+    assert await h.runner.run(ok.id) is Outcome.DONE
+    assert await h.runner.run(bad.id) is Outcome.FAILED
+    assert (h.folders.outputs / "-rf.txt").read_bytes() == b"good"
+    sidecar = json.loads((h.folders.failed / "bad.mp3.error.json").read_text())
+    assert "refusing to copy bad.mp3" in sidecar["message"]
+    assert "exit status 1" in sidecar["message"]
+
+
+def test_names_never_become_options() -> None:
+    argv = render_argv(("tool", "{name}", "-o", "{stem}.txt", "--in={input}"),
+                       {"input": "/p/-x.mp3", "output_dir": "/o", "stem": "-x", "name": "-x.mp3"})
+    assert argv == ["tool", "./-x.mp3", "-o", "./-x.txt", "--in=/p/-x.mp3"]
