@@ -294,13 +294,11 @@ def _step(item: object) -> StepSpec:
 
 
 def _schedule(value: object) -> object:
-    if value == "always":
-        return value
-    if not isinstance(value, str) or len(value.split()) != 5:
+    if not isinstance(value, str):
         raise ValueError("expected \"always\" or a cron expression with five fields")
-    from apscheduler.triggers.cron import CronTrigger
+    from traxd.schedule import Window
 
-    CronTrigger.from_crontab(value)  # raises ValueError with the reason
+    Window.parse(value)  # raises ValueError with the reason
     return value
 
 

@@ -1,0 +1,161 @@
+"""The real daemon process: drop files, kill it mid-batch, restart, every file exactly once."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import (
+    DaemonProcess,
+    base_daemon,
+    copy_step,
+    files_under,
+    running_daemon,
+    wait_until,
+    write_config,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def setup_inbox(tmp_path: Path, delay: float = 0.0, **daemon: object) -> tuple[Path, Path, Path]:
+    root = tmp_path / "box"
+    (root / "inbox").mkdir(parents=True)
+    ledger = tmp_path / "ledger"
+    config = write_config(tmp_path / "traxd.toml", base_daemon(tmp_path, **daemon), [{
+        "name": "main", "path": str(root / "inbox"),
+        "pipeline": [{"command": copy_step(ledger, delay)}],
+    }])
+    return root, config, ledger
+
+
+def settled_everything(root: Path, expected: int) -> bool:
+    failed = [f for f in files_under(root / "failed") if not f.endswith(".error.json")]
+    return (len(files_under(root / "done")) + len(failed) == expected
+            and not files_under(root / "inbox") and not files_under(root / "processing"))
+
+
+def test_dropped_files_end_in_done_with_outputs(tmp_path: Path) -> None:
+    root, config, ledger = setup_inbox(tmp_path)
+    with running_daemon(config, tmp_path / "log") as daemon:
+        # When files are dropped, one nested and one hidden, one being downloaded
+        (root / "inbox" / "a.mp3").write_bytes(b"alpha")
+        (root / "inbox" / "deep" / "er").mkdir(parents=True)
+        (root / "inbox" / "deep" / "er" / "b.wav").write_bytes(b"beta")
+        (root / "inbox" / ".hidden.mp3").write_bytes(b"no")
+        (root / "inbox" / "c.mp3.part").write_bytes(b"no")
+        wait_until(lambda: len(files_under(root / "done")) == 2, 30, message="two files done")
+        # Then each is done once, outputs keep the sub-folder, ignored files stay put
+        assert files_under(root / "done") == ["a.mp3", "deep/er/b.wav"]
+        assert files_under(root / "outputs") == ["a.txt", "deep/er/b.txt"]
+        assert (root / "outputs" / "deep/er/b.txt").read_bytes() == b"beta"
+        assert files_under(root / "inbox") == [".hidden.mp3", "c.mp3.part"]
+        # And renaming the download when it completes makes it a job
+        (root / "inbox" / "c.mp3.part").rename(root / "inbox" / "c.mp3")
+        wait_until(lambda: "c.mp3" in files_under(root / "done"), 30, message="c.mp3 done")
+        assert daemon.terminate() == 0
+    assert sorted(ledger.read_text().split()) == ["a.mp3", "b.wav", "c.mp3"]
+    events = [json.loads(line)["event"] for line in (tmp_path / "log").read_text().splitlines()
+              if line.startswith("{")]
+    assert "batch_finished" in events
+    assert events[-1] == "stopped"
+
+
+def test_a_file_written_slowly_in_place_is_not_taken_early(tmp_path: Path) -> None:
+    root, config, _ = setup_inbox(tmp_path, settle_seconds=1.0)
+    target = root / "inbox" / "slow.mp3"
+    with running_daemon(config, tmp_path / "log"):
+        with target.open("wb") as handle:
+            for _ in range(8):  # 8 chunks, 0.4 s apart: always less than settle_seconds quiet
+                handle.write(b"x" * 1000)
+                handle.flush()
+                os.fsync(handle.fileno())
+                assert files_under(root / "processing") == []
+                assert files_under(root / "done") == []
+                time.sleep(0.4)  # the writer's pace, not synchronisation
+        wait_until(lambda: files_under(root / "done") == ["slow.mp3"], 30, message="slow done")
+    assert (root / "outputs" / "slow.txt").stat().st_size == 8000
+
+
+def test_files_present_at_start_are_found(tmp_path: Path) -> None:
+    root, config, _ = setup_inbox(tmp_path)
+    for n in range(5):
+        (root / "inbox" / f"old{n}.mp3").write_bytes(b"x%d" % n)
+    with running_daemon(config, tmp_path / "log"):
+        wait_until(lambda: settled_everything(root, 5), 30, message="five files done")
+
+
+def test_sigkill_mid_batch_then_restart_processes_each_file_once(tmp_path: Path) -> None:
+    # Given a daemon with slow steps and a batch of files in flight
+    root, config, ledger = setup_inbox(tmp_path, delay=0.3, workers=3)
+    names = [f"f{n:02d}.mp3" for n in range(12)]
+    for name in names:
+        (root / "inbox" / name).write_bytes(name.encode())
+    log = tmp_path / "log"
+    for _ in range(3):
+        daemon = DaemonProcess(config, log).start()
+        # When it is killed with SIGKILL while jobs are running
+        wait_until(lambda: files_under(root / "processing"), 30, message="a job running")
+        daemon.kill()
+    # Then a restart finishes everything
+    with running_daemon(config, log):
+        wait_until(lambda: settled_everything(root, len(names)), 60, message="all done")
+    # exactly once: each original in done/ once, one output each, nothing left behind
+    assert files_under(root / "done") == names
+    assert files_under(root / "outputs") == [n.replace(".mp3", ".txt") for n in names]
+    for name in names:
+        assert (root / "outputs" / name.replace(".mp3", ".txt")).read_bytes() == name.encode()
+    assert not list(root.rglob("*.traxd-tmp"))
+    assert not list((tmp_path / "state" / "work").glob("*"))
+    runs = ledger.read_text().split()
+    assert set(runs) == set(names)
+
+
+def test_sigterm_during_work_stops_cleanly_and_resumes(tmp_path: Path) -> None:
+    root, config, _ = setup_inbox(tmp_path, delay=2.0, shutdown_grace="0.2s")
+    (root / "inbox" / "long.mp3").write_bytes(b"long")
+    daemon = DaemonProcess(config, tmp_path / "log").start()
+    wait_until(lambda: files_under(root / "processing"), 30, message="job running")
+    assert daemon.terminate() == 0
+    # the job went back to queued, still claimed; a restart finishes it
+    assert files_under(root / "processing") == ["long.mp3"]
+    with running_daemon(config, tmp_path / "log"):
+        wait_until(lambda: files_under(root / "done") == ["long.mp3"], 30, message="resumed")
+    assert files_under(root / "outputs") == ["long.txt"]
+
+
+def test_duplicate_content_is_skipped(tmp_path: Path) -> None:
+    root, config, ledger = setup_inbox(tmp_path)
+    with running_daemon(config, tmp_path / "log"):
+        (root / "inbox" / "one.mp3").write_bytes(b"same")
+        wait_until(lambda: files_under(root / "done") == ["one.mp3"], 30, message="one done")
+        (root / "inbox" / "two.mp3").write_bytes(b"same")
+        wait_until(lambda: len(files_under(root / "done")) == 2, 30, message="two moved")
+    assert ledger.read_text().split() == ["one.mp3"]
+    assert files_under(root / "outputs") == ["one.txt"]
+
+
+def test_a_second_daemon_on_the_same_state_refuses(tmp_path: Path) -> None:
+    _, config, _ = setup_inbox(tmp_path)
+    with running_daemon(config, tmp_path / "log"):
+        second = subprocess.run([sys.executable, "-m", "traxd", "run", "--config", str(config)],
+                                capture_output=True, text=True, timeout=30, check=False)
+    assert second.returncode == 1
+    assert "another traxd uses" in second.stderr
+
+
+def test_bad_config_stops_start_up_with_file_key_and_reason(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text("[daemon]\nworkers = -1\n")
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "traxd", "run", "--config", str(config)],
+                            capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 2
+    assert f"{config}: daemon.workers: must be at least 1" in result.stderr
+    assert time.monotonic() - started < 30
