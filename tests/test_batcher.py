@@ -7,7 +7,7 @@ from pathlib import Path
 
 from traxd.batcher import Batcher, group_by_size, order_jobs
 from traxd.config import DaemonSettings
-from traxd.journal import Job, Journal, JobState
+from traxd.journal import Job, JobState, Journal
 from traxd.pool import WorkerPool
 from traxd.throttle import Governor, Sample
 

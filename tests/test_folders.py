@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from traxd import folders
 from traxd.folders import (
     copy_atomic,
     describe_unprocessable,
@@ -78,7 +77,7 @@ def test_move_across_filesystems_copies_then_unlinks(tmp_path: Path,
             raise OSError(errno.EXDEV, "Invalid cross-device link")
         real_rename(a, b)
 
-    monkeypatch.setattr(folders.os, "rename", cross_device)
+    monkeypatch.setattr(os, "rename", cross_device)
     move(src, dest)
     assert dest.read_bytes() == b"media"
     assert not src.exists()

@@ -11,7 +11,7 @@ from traxd.config import Settings
 from traxd.errors import BackendFatal, Permanent, Retry
 from traxd.folders import InboxFolders
 from traxd.jobs import BackendGate, JobRunner, Outcome
-from traxd.journal import Job, Journal, JobState
+from traxd.journal import Job, JobState, Journal
 from traxd.logs import get_logger
 from traxd.pipeline.base import StepContext, StepResult
 from traxd.pipeline.command import render_argv

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from traxd.errors import AlreadyRunning, JournalError
-from traxd.journal import Journal, JobState, StateLock
+from traxd.journal import JobState, Journal, StateLock
 
 
 @pytest.fixture
@@ -58,7 +58,7 @@ def test_a_damaged_journal_is_refused_and_left_alone(tmp_path: Path) -> None:
     path = tmp_path / "j.sqlite3"
     path.write_bytes(b"this is not a database" * 100)
     before = path.read_bytes()
-    with pytest.raises(JournalError, match="move it aside|Nothing was changed"):
+    with pytest.raises(JournalError, match=r"move it aside|Nothing was changed"):
         Journal.open(path)
     assert path.read_bytes() == before
 

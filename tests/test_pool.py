@@ -8,8 +8,10 @@ from traxd.config import DaemonSettings
 from traxd.pool import WorkerPool
 from traxd.throttle import Admission, Governor, Sample
 
+ROOMY = Sample(available_mb=10_000, cpu_percent=0.0)
 
-def governor(workers: int, sample: Sample = Sample(10_000, 0.0)) -> Governor:
+
+def governor(workers: int, sample: Sample = ROOMY) -> Governor:
     return Governor(DaemonSettings(workers=workers), sampler=lambda: sample)
 
 
