@@ -15,7 +15,13 @@ from rich.console import Console
 
 from traxd import __version__
 from traxd.config import Settings, load_settings, user_config_path, with_overrides
-from traxd.errors import AlreadyRunning, ConfigError, JournalError
+from traxd.errors import (
+    AlreadyRunning,
+    ConfigError,
+    ControlRejected,
+    ControlUnavailable,
+    JournalError,
+)
 from traxd.logs import configure, get_logger
 
 Handler = Callable[[argparse.Namespace], int]
@@ -30,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"traxd: configuration error: {exc}", file=sys.stderr)
         return 2
-    except (JournalError, AlreadyRunning) as exc:
+    except (JournalError, AlreadyRunning, ControlUnavailable, ControlRejected) as exc:
         print(f"traxd: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
