@@ -1,0 +1,1 @@
+"""Benchmarks: run `python -m bench` (all) or `python -m bench.NAME`; they print figures."""
