@@ -7,7 +7,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -51,6 +51,7 @@ class Daemon:
         self.paused: set[str] = set()
         self.draining: set[str] = set()
         self.heartbeat = time.monotonic()
+        self._tasks: set[asyncio.Task[object]] = set()
 
     # --- start-up ---------------------------------------------------------------------------
 
@@ -214,12 +215,37 @@ class Daemon:
             if old.get(name) != inbox:
                 self.watchers.start(inbox)
         self.windows = {i.name: Window.parse(i.schedule) for i in new.inboxes}
+        self._swap_steps(new)
         self.runner.settings = new
         self.runner.folders = {i.name: InboxFolders.of(i, new.folders) for i in new.inboxes}
         self.intake.configure(new)
         self.governor.cap = new.daemon.workers
+        self.batcher.reschedule(new.daemon.batch_interval)
         self.log.info("reloaded", inboxes=sorted(fresh))
-        asyncio.get_running_loop().create_task(self.intake.reconcile(count_missed=False))
+        self._background(self.intake.reconcile(count_missed=False))
+
+    def _swap_steps(self, new: Settings) -> None:
+        """New step settings get new steps; the old ones close once the jobs using them end."""
+        old = self.steps.settings
+        if (old.transcribe, old.enhance, old.download) == (
+                new.transcribe, new.enhance, new.download):
+            self.steps.settings = new
+            return
+        retired, self.steps = self.steps, StepRegistry(new)
+        self.runner.steps = self.steps
+        running = list(self.pool.running.values())
+
+        async def close_when_idle() -> None:
+            if running:
+                await asyncio.wait(running)
+            await retired.aclose()
+
+        self._background(close_when_idle())
+
+    def _background(self, coro: Coroutine[Any, Any, object]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _shutdown(self) -> None:
         sdnotify.notify("STOPPING=1")
