@@ -1,0 +1,219 @@
+"""The openai backend through the real `openai` client against a real local HTTP server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from traxd.config import Settings
+from traxd.errors import BackendFatal, Permanent, Retry
+from traxd.metrics import REGISTRY
+from traxd.pipeline.ffmpeg import PreprocessStep
+from traxd.pipeline.formats import Segment, Transcript
+from traxd.pipeline.transcribe import TranscribeStep
+from traxd.ratelimit import RateLimiter
+
+from .conftest import ContextFactory, Media, with_changes
+from .helpers import ffprobe_stream
+from .openai_server import FakeOpenAI, Reply, error
+
+
+@pytest.fixture
+def server() -> Iterator[FakeOpenAI]:
+    with FakeOpenAI().running() as running:
+        yield running
+
+
+def openai_settings(tmp_path: Path, server: FakeOpenAI, key_env: str, **extra: object) -> Settings:
+    return with_changes(Settings(), daemon={"state_dir": tmp_path}, transcribe={
+        "backend": "openai", "base_url": server.base_url, "api_key_env": key_env,
+        "chunk_seconds": 8.0, **extra})
+
+
+def requests_counted(status: str) -> float:
+    value = REGISTRY.get_sample_value("traxd_api_requests_total",
+                                      {"provider": "127.0.0.1", "status": status})
+    return value or 0.0
+
+
+async def test_chunks_are_uploaded_and_timestamps_shifted(
+        media: Media, make_ctx: ContextFactory, server: FakeOpenAI, api_key: str,
+        tmp_path: Path) -> None:
+    # Given ~20 s of speech preprocessed into 8 s chunks for the openai backend
+    settings = openai_settings(tmp_path, server, api_key)
+    ctx, _ = make_ctx(media.long_wav, settings=settings, formats=("json", "srt"))
+    prepared = await PreprocessStep(settings).run(ctx)
+    offsets = [c["offset"] for c in prepared.facts["chunks"]]
+    ctx, progress = make_ctx(media.long_wav, settings=settings, facts=prepared.facts,
+                             formats=("json", "srt"))
+    counted = requests_counted("200")
+    step = TranscribeStep(settings)
+    # When they are transcribed
+    try:
+        result = await step.run(ctx)
+    finally:
+        await step.aclose()
+    # Then one verbose_json request per chunk went out, with the key, model and an mp3
+    assert len(server.requests) == len(offsets) >= 3
+    for request in server.requests:
+        assert request.path == "/v1/audio/transcriptions"
+        assert request.headers["authorization"] == "Bearer sk-test-" + "x" * 24
+        assert request.fields["model"] == "whisper-1"
+        assert request.fields["response_format"] == "verbose_json"
+        upload = tmp_path / "upload.mp3"
+        upload.write_bytes(request.files["file"])
+        assert ffprobe_stream(upload)["sample_rate"] == "16000"
+    # And each chunk's segments (0.5 s and 2.0 s into it) are shifted by the chunk's offset
+    starts = [s.start for s in _segments(result.facts["transcript"])]
+    assert starts == pytest.approx([o + d for o in offsets for d in (0.5, 2.0)])
+    assert requests_counted("200") == counted + len(offsets)
+    assert result.facts["model"] == "whisper-1" and progress[-1] == pytest.approx(1.0)
+
+
+def _segments(path: str) -> list[Segment]:
+    return list(Transcript.load(Path(path)).segments)
+
+
+async def transcribe_once(media: Media, make_ctx: ContextFactory, settings: Settings) -> None:
+    step = TranscribeStep(settings)
+    ctx, _ = make_ctx(media.speech_wav, settings=settings)
+    try:
+        await step.run(ctx)
+    finally:
+        await step.aclose()
+
+
+async def test_429_is_a_retry_after_the_servers_delay(
+        media: Media, make_ctx: ContextFactory, server: FakeOpenAI, api_key: str,
+        tmp_path: Path) -> None:
+    server.script.append(error(429, "slow down", **{"Retry-After": "7"}))
+    counted = requests_counted("429")
+    with pytest.raises(Retry, match="answered 429: slow down") as caught:
+        await transcribe_once(media, make_ctx, openai_settings(tmp_path, server, api_key))
+    assert caught.value.defer == 7.0
+    assert requests_counted("429") == counted + 1
+    assert len(server.requests) == 1  # the client itself did not retry
+
+
+@pytest.mark.parametrize(("reply", "expected", "kind"), [
+    (error(500, "boom"), "answered 500", Retry),
+    (error(503, "busy"), "answered 503", Retry),
+    (error(400, "bad file"), "answered 400: bad file", Permanent),
+    (error(404, "no such model"), "answered 404", Permanent),
+    (error(422, "unprocessable"), "answered 422", Permanent),
+    (error(401, "invalid key sk-live-abcdefghijk"), r"answered 401: invalid key \[redacted\]",
+     BackendFatal),
+    (error(403, "forbidden"), "answered 403", BackendFatal),
+])
+async def test_http_errors_are_classified(
+        media: Media, make_ctx: ContextFactory, server: FakeOpenAI, api_key: str,
+        tmp_path: Path, reply: Reply, expected: str, kind: type[Exception]) -> None:
+    server.script.append(reply)
+    counted = requests_counted(str(reply.status))
+    with pytest.raises(kind, match=expected) as caught:
+        await transcribe_once(media, make_ctx, openai_settings(tmp_path, server, api_key))
+    if isinstance(caught.value, BackendFatal):
+        assert caught.value.backend == "openai"
+    assert requests_counted(str(reply.status)) == counted + 1
+
+
+async def test_missing_key_is_backend_fatal(media: Media, make_ctx: ContextFactory,
+                                            server: FakeOpenAI, tmp_path: Path) -> None:
+    settings = openai_settings(tmp_path, server, "TRAXD_TEST_NO_SUCH_KEY")
+    with pytest.raises(BackendFatal, match="TRAXD_TEST_NO_SUCH_KEY") as caught:
+        await transcribe_once(media, make_ctx, settings)
+    assert caught.value.backend == "openai" and server.requests == []
+
+
+async def test_unreachable_server_is_a_retry(media: Media, make_ctx: ContextFactory,
+                                             api_key: str, tmp_path: Path) -> None:
+    with FakeOpenAI().running() as gone:
+        settings = openai_settings(tmp_path, gone, api_key)
+    counted = requests_counted("error")
+    with pytest.raises(Retry, match="cannot connect"):
+        await transcribe_once(media, make_ctx, settings)
+    assert requests_counted("error") == counted + 1
+
+
+async def test_server_without_segments_falls_back_to_plain_text(
+        media: Media, make_ctx: ContextFactory, server: FakeOpenAI, api_key: str,
+        tmp_path: Path) -> None:
+    # Given a server that rejects verbose_json and answers plain json
+    server.script.append(error(400, "response_format 'verbose_json' is not supported"))
+    server.transcribe = lambda request: Reply(200, {"text": " Hello from the server. "})
+    settings = openai_settings(tmp_path, server, api_key, language="en")
+    step = TranscribeStep(settings)
+    ctx, _ = make_ctx(media.speech_wav, settings=settings, formats=("txt",))
+    try:
+        result = await step.run(ctx)
+    finally:
+        await step.aclose()
+    # Then it asked again for plain json and made one segment spanning the audio
+    assert [r.fields.get("response_format") for r in server.requests] == ["verbose_json", "json"]
+    assert server.requests[1].fields["language"] == "en"
+    (segment,) = _segments(result.facts["transcript"])
+    assert segment.text == "Hello from the server."
+    assert segment.end == pytest.approx(result.facts["duration"])
+    assert result.artifacts["speech.txt"].read_text() == "Hello from the server.\n"
+
+
+# --- the rate limiter ---------------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.slept: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+async def test_limiter_spaces_requests_per_minute() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(2, 10, clock=clock, sleep=clock.sleep)
+    for _ in range(3):
+        async with limiter.slot():
+            clock.now += 1.0
+    # the third request waits until the first is a minute old
+    assert clock.slept == [pytest.approx(58.0)]
+
+
+async def test_limiter_hold_pauses_everyone() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(0, 10, clock=clock, sleep=clock.sleep)
+    limiter.hold(7.0)
+    async with limiter.slot():
+        pass
+    assert clock.slept == [7.0]
+
+
+async def test_limiter_bounds_requests_in_flight() -> None:
+    limiter = RateLimiter(0, 2)
+    inside = 0
+    most = 0
+    release = asyncio.Event()
+    two_in = asyncio.Event()
+
+    async def request() -> None:
+        nonlocal inside, most
+        async with limiter.slot():
+            inside += 1
+            most = max(most, inside)
+            if inside == 2:
+                two_in.set()
+            await release.wait()
+            inside -= 1
+
+    tasks = [asyncio.create_task(request()) for _ in range(5)]
+    await two_in.wait()
+    release.set()
+    await asyncio.gather(*tasks)
+    assert most == 2

@@ -1,0 +1,409 @@
+"""The `preprocess` step and the ffmpeg helpers: find, probe, convert, split at silences."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import shutil
+import wave
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ffmpeg
+
+from traxd.config import Settings
+from traxd.errors import BackendFatal, Permanent, Retry, TraxdError
+from traxd.pipeline.base import StepContext, StepResult
+from traxd.procs import LineHandler, ProcessLimits, ProcessResult, run_process
+
+SAMPLE_RATE = 16_000
+MIN_DURATION = 0.05  # seconds: anything shorter is empty audio
+UPLOAD_LIMIT_BYTES = 25 * 1024 * 1024  # OpenAI's limit per transcription request
+GLOBAL_ARGS = ("-hide_banner", "-nostdin", "-nostats", "-loglevel", "error",
+               "-progress", "pipe:1")
+SILENCE_NOISE = "-35dB"
+SILENCE_MIN = 0.3  # seconds of quiet that count as a pause
+CUT_WINDOWS = (1 / 3, 1 / 2)  # shares of a chunk before its limit searched for a pause
+UNDECODABLE = (
+    "invalid data found when processing input", "moov atom not found",
+    "failed to read frame size", "could not find codec parameters", "misdetection possible",
+    "does not contain any stream", "matches no streams", "header missing",
+    "ebml header parsing failed", "no decoder", "invalid argument", "end of file",
+)
+
+
+@dataclass(frozen=True)
+class Tools:
+    """Where the ffmpeg binaries are; no ffprobe means probing through ffmpeg itself."""
+
+    ffmpeg: str
+    ffprobe: str | None
+
+
+def find_tools() -> Tools:
+    """System ffmpeg/ffprobe on PATH first, else the binary that imageio-ffmpeg ships."""
+    system = shutil.which("ffmpeg")
+    if system is not None:
+        return Tools(system, shutil.which("ffprobe"))
+    try:
+        import imageio_ffmpeg
+
+        return Tools(str(imageio_ffmpeg.get_ffmpeg_exe()), shutil.which("ffprobe"))
+    except (ImportError, RuntimeError) as exc:
+        raise BackendFatal("ffmpeg not found: install ffmpeg or the imageio-ffmpeg package",
+                           backend="ffmpeg", reason="ffmpeg") from exc
+
+
+def media_url(path: Path) -> str:
+    """An ffmpeg input/output name that cannot be read as an option or a protocol."""
+    return "file:" + str(path.absolute())
+
+
+@dataclass(frozen=True)
+class AudioStream:
+    index: int
+    codec: str
+    sample_rate: int
+    channels: int
+
+
+@dataclass(frozen=True)
+class MediaInfo:
+    format_name: str
+    duration: float | None  # None when the container does not say
+    audio: tuple[AudioStream, ...]
+    video: tuple[str, ...]  # codecs of the video streams
+
+
+@dataclass(frozen=True)
+class AudioFormat:
+    suffix: str
+    options: Mapping[str, Any]
+    bits_per_second: int
+
+    @property
+    def max_upload_seconds(self) -> float:
+        return 0.9 * UPLOAD_LIMIT_BYTES * 8 / self.bits_per_second
+
+
+WAV = AudioFormat(".wav", {"acodec": "pcm_s16le"}, SAMPLE_RATE * 16)
+MP3 = AudioFormat(".mp3", {"acodec": "libmp3lame", "audio_bitrate": "32k"}, 32_000)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of the preprocessed audio and where it starts in the whole."""
+
+    path: Path
+    offset: float
+    duration: float
+
+    def to_fact(self) -> dict[str, Any]:
+        return {"path": str(self.path), "offset": self.offset, "duration": self.duration}
+
+    @classmethod
+    def from_fact(cls, fact: Mapping[str, Any]) -> Chunk:
+        return cls(Path(fact["path"]), float(fact["offset"]), float(fact["duration"]))
+
+
+@dataclass(frozen=True)
+class Prepared:
+    audio: Path  # the whole input as 16 kHz mono wav
+    duration: float
+    chunks: tuple[Chunk, ...]
+    source: MediaInfo
+
+    def facts(self) -> dict[str, Any]:
+        return {"duration": self.duration, "audio": str(self.audio),
+                "chunks": [c.to_fact() for c in self.chunks],
+                "source_format": self.source.format_name,
+                "source_codec": self.source.audio[0].codec}
+
+
+# --- running ------------------------------------------------------------------------------
+
+
+def compile_argv(stream: Any, tools: Tools) -> list[str]:
+    """ffmpeg-python builds the argv; traxd runs it. Global options go first."""
+    argv: list[str] = ffmpeg.compile(stream, cmd=tools.ffmpeg, overwrite_output=True)
+    return [argv[0], *GLOBAL_ARGS, *argv[1:]]
+
+
+async def run_tool(
+    argv: Sequence[str], limits: ProcessLimits, *, on_line: LineHandler | None = None,
+    capture: bool = False, stderr_lines: int = 40,
+) -> ProcessResult:
+    try:
+        return await run_process(argv, limits=limits, on_stdout_line=on_line,
+                                 capture_stdout=capture, stderr_lines=stderr_lines)
+    except FileNotFoundError as exc:
+        raise BackendFatal(f"{argv[0]} not found", backend="ffmpeg", reason="ffmpeg") from exc
+
+
+def failure(result: ProcessResult, what: str, name: str) -> TraxdError:
+    """Permanent when the input cannot be decoded, else worth a retry."""
+    tail = result.stderr_tail.strip()
+    last = tail.splitlines()[-1] if tail else "no error output"
+    if any(marker in tail.lower() for marker in UNDECODABLE):
+        why = last.rsplit(": ", 1)[-1]  # drop the "file:/path: " prefix
+        return Permanent(f"cannot decode {name}: not audio or video that ffmpeg can read "
+                         f"({why})", reason="undecodable")
+    how = result.signal_name or f"exit status {result.returncode}"
+    return Retry(f"ffmpeg {what} of {name} failed ({how}): {tail[-1500:]}", reason="ffmpeg")
+
+
+class ProgressParser:
+    """Turns `-progress pipe:1` lines into fractions [start, start + span] of the whole."""
+
+    def __init__(self, total: float | None, report: Callable[[float], None],
+                 start: float = 0.0, span: float = 1.0) -> None:
+        self.total, self.report, self.start, self.span = total, report, start, span
+
+    def __call__(self, line: str) -> None:
+        key, _, value = line.partition("=")
+        if key == "out_time_us" and value.isdigit() and self.total:
+            done = min(1.0, int(value) / 1e6 / self.total)
+            self.report(self.start + self.span * done)
+        elif key == "progress" and value == "end":
+            self.report(self.start + self.span)
+
+
+# --- probing ------------------------------------------------------------------------------
+
+
+async def probe(path: Path, tools: Tools, limits: ProcessLimits) -> MediaInfo:
+    """What the file holds; Permanent when it is undecodable or has no audio."""
+    info = await (_ffprobe(path, tools, limits) if tools.ffprobe else _probe_with_ffmpeg(
+        path, tools, limits))
+    if not info.audio:
+        kind = f"video only ({', '.join(info.video)})" if info.video else "no streams"
+        raise Permanent(f"{path.name} has no audio stream: {kind}", reason="no_audio")
+    if info.duration is None:
+        info = MediaInfo(info.format_name, await measure_duration(path, tools, limits),
+                         info.audio, info.video)
+    if info.duration is not None and info.duration < MIN_DURATION:
+        raise Permanent(f"{path.name} is empty audio ({info.duration:.3f} s)", reason="empty")
+    return info
+
+
+async def _ffprobe(path: Path, tools: Tools, limits: ProcessLimits) -> MediaInfo:
+    assert tools.ffprobe is not None
+    argv = [tools.ffprobe, "-hide_banner", "-v", "error", "-print_format", "json",
+            "-show_format", "-show_streams", media_url(path)]
+    result = await run_tool(argv, limits, capture=True)
+    if result.returncode != 0:
+        raise failure(result, "probe", path.name)
+    try:
+        return parse_ffprobe(json.loads(result.stdout))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise Permanent(f"cannot decode {path.name}: unreadable probe output ({exc})",
+                        reason="undecodable") from exc
+
+
+def parse_ffprobe(data: Mapping[str, Any]) -> MediaInfo:
+    streams = data.get("streams", [])
+    audio = tuple(AudioStream(int(s["index"]), str(s.get("codec_name", "?")),
+                              int(s.get("sample_rate") or 0), int(s.get("channels") or 0))
+                  for s in streams if s.get("codec_type") == "audio")
+    video = tuple(str(s.get("codec_name", "?")) for s in streams
+                  if s.get("codec_type") == "video"
+                  and not s.get("disposition", {}).get("attached_pic"))
+    fmt = data.get("format", {})
+    durations = [float(d) for d in (fmt.get("duration"), *(s.get("duration") for s in streams))
+                 if d not in (None, "N/A")]
+    return MediaInfo(str(fmt.get("format_name", "?")), max(durations, default=None), audio, video)
+
+
+_INPUT = re.compile(r"^Input #0, (.+), from ", re.MULTILINE)
+_DURATION = re.compile(r"Duration: (\d+):(\d\d):(\d\d(?:\.\d+)?)")
+_STREAM = re.compile(r"Stream #0:(\d+)\S*: (Audio|Video): ([^\s,]+)[^\n]*")
+_RATE = re.compile(r", (\d+) Hz")
+_CHANNELS = {"mono": 1, "stereo": 2}
+
+
+async def _probe_with_ffmpeg(path: Path, tools: Tools, limits: ProcessLimits) -> MediaInfo:
+    """No ffprobe: `ffmpeg -i` prints the same facts on stderr (and exits 1, no output)."""
+    argv = [tools.ffmpeg, "-hide_banner", "-nostdin", "-i", media_url(path)]
+    result = await run_tool(argv, limits, stderr_lines=1000)
+    if not _INPUT.search(result.stderr_tail):
+        raise failure(result, "probe", path.name)
+    return parse_ffmpeg_banner(result.stderr_tail)
+
+
+def parse_ffmpeg_banner(text: str) -> MediaInfo:
+    fmt = _INPUT.search(text)
+    duration = _DURATION.search(text)
+    seconds = (None if duration is None else int(duration[1]) * 3600 + int(duration[2]) * 60
+               + float(duration[3]))
+    audio: list[AudioStream] = []
+    video: list[str] = []
+    for match in _STREAM.finditer(text):
+        if match[2] == "Video":
+            video.append(match[3])
+            continue
+        rate = _RATE.search(match[0])
+        layout = match[0].split(", ")[2] if match[0].count(", ") >= 2 else ""
+        channels = _CHANNELS.get(layout.split("(")[0], 0)
+        audio.append(AudioStream(int(match[1]), match[3], int(rate[1]) if rate else 0, channels))
+    return MediaInfo(fmt[1] if fmt else "?", seconds, tuple(audio), tuple(video))
+
+
+async def measure_duration(path: Path, tools: Tools, limits: ProcessLimits) -> float:
+    """Decode the first audio stream to nowhere and read how far it got."""
+    times: list[int] = []
+
+    def keep(line: str) -> None:
+        key, _, value = line.partition("=")
+        if key == "out_time_us" and value.isdigit():
+            times.append(int(value))
+
+    stream = ffmpeg.input(media_url(path))["a:0"].output("-", format="null")
+    result = await run_tool(compile_argv(stream, tools), limits, on_line=keep)
+    if result.returncode != 0:
+        raise failure(result, "decode", path.name)
+    return max(times, default=0) / 1e6
+
+
+# --- converting and splitting -------------------------------------------------------------
+
+
+def wav_duration(path: Path) -> float:
+    with wave.open(str(path), "rb") as wav:
+        return wav.getnframes() / wav.getframerate()
+
+
+async def convert(
+    src: Path, dst: Path, fmt: AudioFormat, tools: Tools, limits: ProcessLimits, *,
+    progress: ProgressParser | None = None, start: float | None = None,
+    duration: float | None = None,
+) -> None:
+    """First audio stream of src (optionally a time range) -> 16 kHz mono in fmt."""
+    cut = {k: v for k, v in (("ss", start), ("t", duration)) if v is not None}
+    stream = ffmpeg.input(media_url(src), **cut)["a:0"].output(
+        media_url(dst), ac=1, ar=SAMPLE_RATE, **fmt.options)
+    result = await run_tool(compile_argv(stream, tools), limits, on_line=progress)
+    if result.returncode != 0:
+        raise failure(result, "conversion", src.name)
+
+
+async def detect_silences(
+    path: Path, tools: Tools, limits: ProcessLimits, duration: float
+) -> list[tuple[float, float]]:
+    """(start, end) of each pause in the audio, from ffmpeg's silencedetect."""
+    starts: list[float] = []
+    ends: list[float] = []
+
+    def keep(line: str) -> None:
+        key, _, value = line.partition("=")
+        if key == "lavfi.silence_start":
+            starts.append(float(value))
+        elif key == "lavfi.silence_end":
+            ends.append(float(value))
+
+    stream = (ffmpeg.input(media_url(path))["a:0"]
+              .filter("silencedetect", noise=SILENCE_NOISE, d=SILENCE_MIN)
+              .filter("ametadata", mode="print", file="-")
+              .output("-", format="null"))
+    result = await run_tool(compile_argv(stream, tools), limits, on_line=keep)
+    if result.returncode != 0:
+        raise failure(result, "silence detection", path.name)
+    ends += [duration] * (len(starts) - len(ends))
+    return list(zip(starts, ends, strict=True))
+
+
+def plan_cuts(
+    duration: float, chunk_seconds: float, silences: Sequence[tuple[float, float]]
+) -> list[float]:
+    """Cut points so that no piece is longer than chunk_seconds. Each cut lies in the longest
+    pause in the last third before the limit, else in the last half, else at the limit."""
+    cuts: list[float] = []
+    last = 0.0
+    while duration - last > chunk_seconds:
+        last = _cut_before(silences, last + chunk_seconds, chunk_seconds)
+        cuts.append(last)
+    return cuts
+
+
+def _cut_before(silences: Sequence[tuple[float, float]], limit: float, chunk: float) -> float:
+    for share in CUT_WINDOWS:
+        cut = _pause_in(silences, limit - chunk * share, limit)
+        if cut is not None:
+            return cut
+    return limit
+
+
+def _pause_in(silences: Sequence[tuple[float, float]], lo: float, hi: float) -> float | None:
+    """The middle of the longest pause's part inside [lo, hi], if any pause reaches in."""
+    overlaps = [(min(e, hi) - max(s, lo), (max(s, lo) + min(e, hi)) / 2)
+                for s, e in silences if min(e, hi) > max(s, lo)]
+    return max(overlaps)[1] if overlaps else None
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    """Turns any media into 16 kHz mono audio and the chunks a transcriber sends."""
+
+    tools: Tools
+    settings: Settings
+
+    def target(self) -> tuple[AudioFormat, float]:
+        chunk = self.settings.transcribe.chunk_seconds
+        if self.settings.transcribe.backend == "openai":
+            return MP3, min(chunk, MP3.max_upload_seconds)
+        return WAV, chunk
+
+    async def prepare(self, ctx: StepContext, folder: Path) -> Prepared:
+        info = await probe(ctx.input, self.tools, ctx.limits)
+        audio = folder / "audio.wav"
+        parser = ProgressParser(info.duration, ctx.progress, 0.0, 0.8)
+        await convert(ctx.input, audio, WAV, self.tools, ctx.limits, progress=parser)
+        duration = wav_duration(audio)
+        if duration < MIN_DURATION:
+            raise Permanent(f"{ctx.input.name} holds no audio samples", reason="empty")
+        fmt, limit = self.target()
+        chunks = await self._split(audio, duration, fmt, limit, ctx, folder)
+        ctx.progress(1.0)
+        ctx.log.info("preprocessed", duration=round(duration, 3), chunks=len(chunks),
+                     source_format=info.format_name, codec=info.audio[0].codec)
+        return Prepared(audio, duration, chunks, info)
+
+    async def _split(self, audio: Path, duration: float, fmt: AudioFormat, limit: float,
+                     ctx: StepContext, folder: Path) -> tuple[Chunk, ...]:
+        if duration <= limit and fmt is WAV:
+            return (Chunk(audio, 0.0, duration),)
+        silences = (await detect_silences(audio, self.tools, ctx.limits, duration)
+                    if duration > limit else [])
+        bounds = [0.0, *plan_cuts(duration, limit, silences), duration]
+        chunks = []
+        for index, (start, end) in enumerate(itertools.pairwise(bounds)):
+            path = folder / f"chunk-{index:03d}{fmt.suffix}"
+            await convert(audio, path, fmt, self.tools, ctx.limits, start=start,
+                          duration=end - start)
+            chunks.append(Chunk(path, start, end - start))
+            ctx.progress(0.8 + 0.2 * end / duration)
+        return tuple(chunks)
+
+
+class PreprocessStep:
+    """Probe, convert to 16 kHz mono, split long files at pauses."""
+
+    name = "preprocess"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._tools: Tools | None = None
+
+    def preprocessor(self) -> Preprocessor:
+        if self._tools is None:
+            self._tools = find_tools()
+        return Preprocessor(self._tools, self.settings)
+
+    async def run(self, ctx: StepContext) -> StepResult:
+        prepared = await self.preprocessor().prepare(ctx, ctx.workdir)
+        return StepResult(media=prepared.audio, facts=prepared.facts())
+
+    async def aclose(self) -> None:
+        return None

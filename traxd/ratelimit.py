@@ -1,0 +1,62 @@
+"""A per-provider request limiter: requests started per minute and requests in flight."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+WINDOW = 60.0  # seconds
+
+
+class RateLimiter:
+    """At most `max_concurrent` requests in flight and `per_minute` started in any 60 s
+    (0: no per-minute limit). `hold` pauses every caller, e.g. after a 429 with Retry-After.
+
+    Shared by all jobs of one step; waiters are served in arrival order.
+    """
+
+    def __init__(
+        self,
+        per_minute: int,
+        max_concurrent: int,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.per_minute = per_minute
+        self.max_concurrent = max_concurrent
+        self._clock, self._sleep = clock, sleep
+        self._slots = asyncio.Semaphore(max_concurrent)
+        self._turn = asyncio.Lock()
+        self._starts: deque[float] = deque()
+        self._hold_until = 0.0
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Wait for a free slot and a free place in the minute, then run the request."""
+        async with self._slots:
+            await self._wait_turn()
+            yield
+
+    def hold(self, seconds: float) -> None:
+        """No request starts during the next `seconds`."""
+        self._hold_until = max(self._hold_until, self._clock() + seconds)
+
+    def delay(self) -> float:
+        """Seconds the next request would wait now."""
+        now = self._clock()
+        while self._starts and now - self._starts[0] >= WINDOW:
+            self._starts.popleft()
+        wait = self._hold_until - now
+        if self.per_minute and len(self._starts) >= self.per_minute:
+            wait = max(wait, self._starts[0] + WINDOW - now)
+        return max(wait, 0.0)
+
+    async def _wait_turn(self) -> None:
+        async with self._turn:
+            while (wait := self.delay()) > 0:
+                await self._sleep(wait)
+            self._starts.append(self._clock())
