@@ -1,0 +1,169 @@
+"""`traxd doctor`: each check on real folders and a fake /proc, secrets never shown."""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from traxd.config import (
+    DaemonSettings,
+    EnhanceSettings,
+    InboxSettings,
+    Settings,
+    TranscribeSettings,
+)
+from traxd.doctor import (
+    Check,
+    check_api_keys,
+    check_disk,
+    check_folders,
+    check_inotify,
+    check_privacy,
+    count_directories,
+    folder_state,
+    run_doctor,
+)
+
+SECRET = "sk-doctor-test-0123456789abcdef"
+
+
+def settings_for(root: Path, *pipeline: str, **transcribe: str) -> Settings:
+    inbox = InboxSettings(name="talks", path=root / "talks" / "inbox",
+                          pipeline=pipeline or ("preprocess",))
+    return Settings(daemon=DaemonSettings(state_dir=root / "state"), inboxes=(inbox,),
+                    transcribe=TranscribeSettings(**transcribe),  # type: ignore[arg-type]
+                    enhance=EnhanceSettings(api_key_env="TRAXD_TEST_ENHANCE_KEY"))
+
+
+def doctor_output(settings: Settings | None) -> tuple[int, str]:
+    out = io.StringIO()
+    code = run_doctor(settings, Console(file=out, width=250, color_system=None))
+    return code, out.getvalue()
+
+
+def by_name(checks: list[Check]) -> dict[str, Check]:
+    return {c.name: c for c in checks}
+
+
+def test_a_healthy_setup_passes(tmp_path: Path) -> None:
+    code, text = doctor_output(settings_for(tmp_path))
+    assert code == 0, text
+    assert "ffmpeg" in text and "inbox talks" in text and "disk space" in text
+
+
+def test_a_missing_api_key_fails_and_a_present_one_is_never_shown(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given an inbox that enhances, without the key
+    settings = settings_for(tmp_path, "preprocess", "enhance")
+    monkeypatch.delenv("TRAXD_TEST_ENHANCE_KEY", raising=False)
+
+    # Then the doctor fails and names the variable
+    code, text = doctor_output(settings)
+    assert code == 1
+    assert "TRAXD_TEST_ENHANCE_KEY" in text and "not set" in text
+
+    # When the key is set, Then the check passes without printing it
+    monkeypatch.setenv("TRAXD_TEST_ENHANCE_KEY", SECRET)
+    code, text = doctor_output(settings)
+    assert code == 0, text
+    assert SECRET not in text and SECRET[:8] not in text
+
+
+def test_keys_are_checked_only_for_backends_in_use(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    assert check_api_keys(settings_for(tmp_path, "preprocess")) == []
+    remote = settings_for(tmp_path, "transcribe", backend="openai")
+    assert [c.level for c in check_api_keys(remote)] == ["fail"]
+    local_server = settings_for(tmp_path, "transcribe", backend="openai",
+                                base_url="http://127.0.0.1:8000/v1")
+    assert [c.level for c in check_api_keys(local_server)] == ["warn"]
+
+
+def test_folders_that_can_be_created_are_fine(tmp_path: Path) -> None:
+    checks = by_name(check_folders(settings_for(tmp_path)))
+    assert checks["inbox talks"].level == "ok"
+    assert "will be created" in checks["inbox talks"].detail
+    assert checks["state_dir"].level == "ok"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_a_read_only_parent_fails(tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    try:
+        assert folder_state(locked / "inbox")[0] == "fail"
+    finally:
+        locked.chmod(0o700)
+
+
+def test_a_file_in_place_of_a_folder_fails(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path)
+    (tmp_path / "talks").mkdir()
+    (tmp_path / "talks" / "done").write_text("oops")
+    check = by_name(check_folders(settings))["inbox talks"]
+    assert check.level == "fail"
+    assert "done" in check.detail and "not a folder" in check.detail
+
+
+def test_disk_space_is_reported_once_per_filesystem(tmp_path: Path) -> None:
+    checks = check_disk(settings_for(tmp_path))
+    assert len(checks) == 1
+    assert "inbox talks" in checks[0].detail and "state_dir" in checks[0].detail
+    assert "GiB free" in checks[0].detail
+
+
+def fake_proc(root: Path, watches: int, instances: int) -> Path:
+    proc = root / "proc-inotify"
+    proc.mkdir(parents=True)
+    (proc / "max_user_watches").write_text(f"{watches}\n")
+    (proc / "max_user_instances").write_text(f"{instances}\n")
+    return proc
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux only")
+def test_inotify_limits_against_the_directories_to_watch(tmp_path: Path) -> None:
+    # Given an inbox with 20 sub-folders
+    settings = settings_for(tmp_path)
+    for index in range(20):
+        (settings.inboxes[0].path / f"show-{index}").mkdir(parents=True)
+
+    # Then a generous limit is ok, a tight one warns, a small one fails
+    levels = []
+    for watches in (1000, 30, 10):
+        proc = fake_proc(tmp_path / f"limit-{watches}", watches, 128)
+        checks = by_name(check_inotify(settings, proc))
+        levels.append(checks["inotify watches"].level)
+        assert checks["inotify instances"].level == "ok"
+    assert levels == ["ok", "warn", "fail"]
+    assert "sysctl -w fs.inotify.max_user_watches=" in checks["inotify watches"].detail
+
+
+def test_count_directories_stops_at_the_limit(tmp_path: Path) -> None:
+    for index in range(10):
+        (tmp_path / f"d{index}").mkdir()
+    assert count_directories(tmp_path, limit=1000) == 11
+    assert count_directories(tmp_path, limit=4) == 4
+
+
+def test_macos_privacy_protected_folders_warn(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    inboxes = (InboxSettings(name="docs", path=home / "Documents" / "trax" / "inbox"),
+               InboxSettings(name="usb", path=Path("/Volumes/USB/trax/inbox")),
+               InboxSettings(name="fine", path=home / "Trax" / "inbox"))
+    settings = Settings(inboxes=inboxes)
+    checks = check_privacy(settings, platform="darwin", home=home)
+    assert [c.name for c in checks] == ["privacy docs", "privacy usb"]
+    assert all(c.level == "warn" and "Full Disk Access" in c.detail for c in checks)
+    assert check_privacy(settings, platform="linux", home=home) == []
+
+
+def test_without_a_config_the_doctor_fails_but_still_checks_tools() -> None:
+    code, text = doctor_output(None)
+    assert code == 1
+    assert "ffmpeg" in text and "config" in text

@@ -1,0 +1,338 @@
+"""The control socket: `traxd status|pause|resume|drain|retry` talk to the running daemon.
+
+Transport: a unix stream socket at ``state_dir/traxd.sock``, mode 0600 (only the
+daemon's user may connect), one UTF-8 JSON object per line in each direction. A client
+may send several requests on one connection; each gets one answer line, in order.
+
+Request::
+
+    {"command": "status" | "pause" | "resume" | "drain" | "retry",
+     "inbox": "podcasts" | null,        # pause/resume/drain: one inbox, null = all
+     "names": ["talk.mp3"] | null}      # retry: failed files by name, null = all
+
+Answer::
+
+    {"ok": true, "result": {...}}       # the handler's dict; for status see `Status`
+    {"ok": false, "error": "no inbox named 'x'; inboxes: podcasts"}
+
+Times in answers are Unix seconds (floats) unless a field says ISO 8601.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NotRequired, Protocol, TypedDict
+
+from traxd.errors import AlreadyRunning, ControlRejected, ControlUnavailable, TraxdError
+from traxd.logs import get_logger
+
+COMMANDS = ("status", "pause", "resume", "drain", "retry")
+SOCKET_NAME = "traxd.sock"
+MAX_LINE = 1 << 20  # bytes; a status of thousands of running jobs still fits
+_MAX_SOCKET_PATH = 107  # sun_path is 108 bytes on Linux (104 on macOS) with the NUL
+_REQUEST_KEYS = frozenset({"command", "inbox", "names"})
+
+
+# --- the status schema (what `status()` returns; the daemon fills it) --------------------
+
+
+class RunningJob(TypedDict):
+    file: str  # path relative to the inbox
+    step: str  # the step running now ("" before the first)
+    progress: float  # 0.0 … 1.0 within the job
+    started_at: float | None  # Unix seconds
+    job_id: NotRequired[int]
+
+
+class InboxStatus(TypedDict):
+    name: str
+    paused: bool  # `traxd pause`: no new jobs start
+    draining: bool  # `traxd drain`: running jobs finish, queued ones wait
+    queued: int  # ready and waiting for a worker
+    running: list[RunningJob]
+    done: int  # finished (done or duplicate) as recorded in the journal
+    failed: int
+    rate_per_hour: float  # jobs finished per hour over the last hour
+    eta_seconds: float | None  # until queued + running are done at that rate; None: unknown
+    schedule: str  # "always" or the cron window
+    next_window: str | None  # ISO 8601: when the window is next open (now when open)
+    waiting: NotRequired[int]  # held for a paused backend
+
+
+class Status(TypedDict):
+    version: str
+    started_at: float  # Unix seconds
+    inboxes: list[InboxStatus]
+    backends_paused: dict[str, str]  # backend -> why ("openai": "401 invalid API key")
+    throttled: dict[str, bool]  # {"memory": bool, "cpu": bool}
+    workers_allowed: int  # what the resource governor admits now
+    workers: NotRequired[int]  # the configured cap
+
+
+class ControlHandler(Protocol):
+    """What the daemon offers the socket; called on the event loop, never concurrently."""
+
+    def status(self) -> dict[str, Any]: ...
+
+    def pause(self, inbox: str | None) -> dict[str, Any]: ...
+
+    def resume(self, inbox: str | None) -> dict[str, Any]: ...
+
+    def drain(self, inbox: str | None) -> dict[str, Any]: ...
+
+    def retry(self, names: list[str] | None) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class Request:
+    command: str
+    inbox: str | None = None
+    names: list[str] | None = None
+
+
+def parse_request(line: bytes) -> Request:
+    """A request from one line; ValueError names what is wrong with it."""
+    try:
+        data = json.loads(line)
+    except ValueError as exc:
+        raise ValueError(f"a request is one JSON object per line: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError("a request is a JSON object")
+    if unknown := sorted(set(data) - _REQUEST_KEYS):
+        raise ValueError(f"unknown request keys: {', '.join(unknown)}")
+    command, inbox, names = data.get("command"), data.get("inbox"), data.get("names")
+    if command not in COMMANDS:
+        raise ValueError(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}")
+    if inbox is not None and not isinstance(inbox, str):
+        raise ValueError("inbox must be a string or null")
+    if names is not None and not (isinstance(names, list)
+                                  and all(isinstance(n, str) for n in names)):
+        raise ValueError("names must be a list of strings or null")
+    return Request(command, inbox, names)
+
+
+# --- server ------------------------------------------------------------------------------
+
+
+class ControlServer:
+    """Serves `handler` on a unix socket at `path` while started."""
+
+    def __init__(self, handler: ControlHandler, path: Path) -> None:
+        self.handler = handler
+        self.path = path
+        self._server: asyncio.Server | None = None
+        self._identity: tuple[int, int] | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._log = get_logger(component="control")
+
+    async def start(self) -> None:
+        """Listen; a stale socket file is replaced, a live one raises AlreadyRunning."""
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        remove_stale_socket(self.path)
+        sock = _bind_private(self.path)
+        info = self.path.stat()
+        self._identity = (info.st_dev, info.st_ino)
+        self._server = await asyncio.start_unix_server(self._serve, sock=sock, limit=MAX_LINE)
+        self._log.debug("control_listening", path=str(self.path))
+
+    async def close(self) -> None:
+        """Stop listening, end open connections and remove the socket file."""
+        if self._server is None:
+            return
+        self._server.close()
+        for writer in list(self._writers):
+            writer.close()
+        await self._server.wait_closed()
+        self._server = None
+        self._remove_own_socket()
+
+    def dispatch(self, line: bytes) -> dict[str, Any]:
+        """The answer to one request line (never raises)."""
+        try:
+            request = parse_request(line)
+        except ValueError as exc:
+            return {"ok": False, "error": str(exc)}
+        try:
+            result = self._call(request)
+        except (ValueError, LookupError, TraxdError) as exc:
+            return {"ok": False, "error": _message(exc)}
+        except Exception as exc:
+            self._log.exception("control_failed", command=request.command)
+            return {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"}
+        return {"ok": True, "result": result}
+
+    def _call(self, request: Request) -> dict[str, Any]:
+        handler = self.handler
+        if request.command == "status":
+            return handler.status()
+        if request.command == "pause":
+            return handler.pause(request.inbox)
+        if request.command == "resume":
+            return handler.resume(request.inbox)
+        if request.command == "drain":
+            return handler.drain(request.inbox)
+        return handler.retry(request.names)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        try:
+            await self._converse(reader, writer)
+        except (ConnectionError, ValueError) as exc:  # ValueError: a line over MAX_LINE
+            self._log.debug("control_connection_ended", error=str(exc))
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while line := await reader.readline():
+            writer.write(encode(self.dispatch(line)))
+            await writer.drain()
+
+    def _remove_own_socket(self) -> None:
+        """Unlink the socket file unless another process has replaced it meanwhile."""
+        try:
+            info = self.path.stat()
+        except FileNotFoundError:
+            return
+        if (info.st_dev, info.st_ino) == self._identity:
+            self.path.unlink(missing_ok=True)
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    return (json.dumps(message, default=str, separators=(",", ":")) + "\n").encode("utf-8")
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, KeyError) and exc.args:
+        return str(exc.args[0])
+    return str(exc) or type(exc).__name__
+
+
+def remove_stale_socket(path: Path) -> None:
+    """Remove a socket file nobody listens on; refuse to touch anything else."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise FileExistsError(f"{path} exists and is not a socket; move it out of the way")
+    if _answers(path):
+        raise AlreadyRunning(f"another traxd is listening on {path}")
+    path.unlink(missing_ok=True)
+
+
+def _answers(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+        except PermissionError:
+            return True  # someone else's socket: not ours to remove
+    return True
+
+
+def _bind_private(path: Path) -> socket.socket:
+    """A bound, not yet listening socket whose file is mode 0600 before anyone can connect."""
+    _check_length(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        path.chmod(0o600)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _check_length(path: Path) -> None:
+    if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
+        raise OSError(f"socket path too long for a unix socket ({len(str(path))} bytes > "
+                      f"{_MAX_SOCKET_PATH}): {path}; choose a shorter state_dir")
+
+
+# --- client ------------------------------------------------------------------------------
+
+
+def request(socket_path: Path, command: str, timeout: float = 5.0, **args: Any) -> dict[str, Any]:
+    """Send one request and return its result.
+
+    `args` are `inbox=` and `names=`. Raises ControlUnavailable when no daemon answers
+    (not running, no permission, no answer within `timeout` seconds) and ControlRejected
+    when the daemon answers with an error.
+    """
+    if unknown := sorted(set(args) - _REQUEST_KEYS):
+        raise TypeError(f"unknown request arguments: {', '.join(unknown)}")
+    payload = encode({"command": command, "inbox": args.get("inbox"),
+                      "names": args.get("names")})
+    deadline = time.monotonic() + timeout
+    with _connect(socket_path, timeout) as sock:
+        try:
+            sock.sendall(payload)
+            line = _read_line(sock, deadline)
+        except TimeoutError as exc:
+            raise ControlUnavailable(f"traxd did not answer within {timeout:g} s") from exc
+        except OSError as exc:
+            raise ControlUnavailable(f"lost the connection to traxd: {exc}") from exc
+    return _result(line)
+
+
+def _connect(path: Path, timeout: float) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        _check_length(path)
+        sock.connect(str(path))
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        sock.close()
+        raise ControlUnavailable(f"traxd is not running (nothing listens on {path})") from exc
+    except PermissionError as exc:
+        sock.close()
+        raise ControlUnavailable(f"permission denied on {path}: run this as the user "
+                                 "the daemon runs as") from exc
+    except OSError as exc:
+        sock.close()
+        raise ControlUnavailable(f"cannot reach traxd at {path}: {exc}") from exc
+    return sock
+
+
+def _read_line(sock: socket.socket, deadline: float) -> bytes:
+    data = bytearray()
+    while b"\n" not in data:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError
+        sock.settimeout(remaining)
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+        if len(data) > MAX_LINE * 16:
+            raise ControlUnavailable("the answer from traxd is too long")
+    if not data:
+        raise ControlUnavailable("traxd closed the connection without answering")
+    return bytes(data.split(b"\n", 1)[0])
+
+
+def _result(line: bytes) -> dict[str, Any]:
+    try:
+        answer = json.loads(line)
+    except ValueError as exc:
+        raise ControlUnavailable(f"traxd sent an unreadable answer: {exc}") from exc
+    if not isinstance(answer, dict) or "ok" not in answer:
+        raise ControlUnavailable("traxd sent an answer without 'ok'")
+    if not answer["ok"]:
+        raise ControlRejected(str(answer.get("error", "request refused")))
+    result = answer.get("result")
+    return result if isinstance(result, dict) else {"value": result}
