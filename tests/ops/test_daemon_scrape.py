@@ -1,0 +1,64 @@
+"""A real Prometheus scraping a real `traxd run`: the counts move as files are processed."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import (
+    base_daemon,
+    copy_step,
+    files_under,
+    running_daemon,
+    wait_until,
+    write_config,
+)
+from tests.ops.conftest import PrometheusFactory, free_port, http_get
+
+pytestmark = pytest.mark.integration
+
+
+def sample(text: str, name: str, **labels: str) -> float | None:
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        match = re.fullmatch(rf"{name}\{{(.*)\}} (\S+)", line)
+        if match and ",".join(sorted(match.group(1).split(","))) == want:
+            return float(match.group(2))
+    return None
+
+
+def test_metrics_move_and_prometheus_scrapes_the_daemon(tmp_path: Path,
+                                                         prometheus: PrometheusFactory) -> None:
+    # Given a daemon serving /metrics on a free port
+    port = free_port()
+    root = tmp_path / "box"
+    (root / "inbox").mkdir(parents=True)
+    config = write_config(tmp_path / "traxd.toml", base_daemon(
+        tmp_path, metrics_address=f"127.0.0.1:{port}"), [{
+            "name": "main", "path": str(root / "inbox"),
+            "pipeline": [{"command": copy_step(tmp_path / "ledger")}]}])
+    url = f"http://127.0.0.1:{port}"
+    with running_daemon(config, tmp_path / "log"):
+        assert http_get(f"{url}/healthz")[0] == 200
+        assert http_get(f"{url}/readyz")[0] == 200
+        _, before = http_get(f"{url}/metrics")
+        assert 'traxd_build_info{version="' in before
+        assert sample(before, "traxd_jobs_completed_total", inbox="main", outcome="done") is None
+        # When two files are processed and one fails
+        for name, data in (("a.mp3", b"a"), ("b.mp3", b"b"), ("bad.mp3", b"FAIL")):
+            (root / "inbox" / name).write_bytes(data)
+        wait_until(lambda: len(files_under(root / "done")) == 2
+                   and "bad.mp3" in files_under(root / "failed"), 30, message="processed")
+        # Then /metrics counts them
+        _, after = http_get(f"{url}/metrics")
+        assert sample(after, "traxd_jobs_completed_total", inbox="main", outcome="done") == 2
+        assert sample(after, "traxd_jobs_completed_total", inbox="main", outcome="failed") == 1
+        assert sample(after, "traxd_files_discovered_total", inbox="main") == 3
+        assert sample(after, "traxd_bytes_processed_total", inbox="main") == 2
+        assert sample(after, "traxd_job_duration_seconds_count", inbox="main") == 2
+        # And a real Prometheus scraping the daemon answers a query on them
+        server = prometheus([f"127.0.0.1:{port}"])
+        result = server.wait_for_sample('traxd_jobs_completed_total{outcome="done"}')
+        assert float(result[0]["value"][1]) == 2
