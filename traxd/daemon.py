@@ -19,7 +19,7 @@ from traxd.config import Settings, load_settings
 from traxd.control import ControlServer
 from traxd.errors import ConfigError
 from traxd.exporter import start_http
-from traxd.folders import InboxFolders, move, sweep_temporaries, unique_path
+from traxd.folders import InboxFolders, move, sidecar_path, sweep_temporaries, unique_path
 from traxd.intake import Intake
 from traxd.jobs import BackendGate, JobRunner, Outcome
 from traxd.journal import Job, JobState, Journal, StateLock
@@ -326,7 +326,7 @@ class Daemon:
         if not failed.is_file():
             return False
         move(failed, unique_path(folders.inbox, job.rel_path))
-        failed.with_name(failed.name + ".error.json").unlink(missing_ok=True)
+        sidecar_path(failed).unlink(missing_ok=True)
         self.journal.delete(job.id)
         return True
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import shutil
 import stat
@@ -15,6 +16,7 @@ from traxd.config import FolderNames, InboxSettings
 
 TMP_SUFFIX = ".traxd-tmp"
 IGNORED_SUFFIXES = (".part", ".tmp", ".crdownload", ".download", TMP_SUFFIX)
+NAME_MAX = 255  # bytes in one path component (Linux, macOS)
 
 
 @dataclass(frozen=True)
@@ -69,10 +71,26 @@ def scan(root: Path) -> Iterator[str]:
                 yield rel
 
 
+def fit_name(stem: str, tail: str) -> str:
+    """stem + tail, the stem shortened (never the tail) to fit in NAME_MAX bytes."""
+    room = NAME_MAX - len(os.fsencode(tail))
+    while len(os.fsencode(stem)) > room:
+        stem = stem[:-1]  # whole characters, so that a UTF-8 name stays valid
+    return stem + tail
+
+
 def numbered(name: str, n: int) -> str:
-    """`talk.mp3` -> `talk (n).mp3`; `archive.tar.gz` keeps only the last suffix."""
+    """`talk.mp3` -> `talk (n).mp3`; `archive.tar.gz` keeps only the last suffix.
+
+    A name already near NAME_MAX loses the end of its stem to make room for the number.
+    """
     path = PurePosixPath(name)
-    return str(path.with_name(f"{path.stem} ({n}){path.suffix}"))
+    return str(path.with_name(fit_name(path.stem, f" ({n}){path.suffix}")))
+
+
+def sidecar_path(path: Path, suffix: str = ".error.json") -> Path:
+    """`failed/talk.mp3` -> `failed/talk.mp3.error.json`, shortened when too long."""
+    return path.with_name(fit_name(path.name, suffix))
 
 
 def unique_path(folder: Path, rel: str, taken: set[Path] | None = None) -> Path:
@@ -93,7 +111,11 @@ def fsync_dir(folder: Path) -> None:
 
 
 def tmp_path_for(dest: Path) -> Path:
-    return dest.with_name(f".{dest.name}{TMP_SUFFIX}")
+    """`.name.traxd-tmp` beside dest; for a name near NAME_MAX, a digest of it instead."""
+    name = f".{dest.name}{TMP_SUFFIX}"
+    if len(os.fsencode(name)) > NAME_MAX:
+        name = f".{hashlib.sha256(os.fsencode(dest.name)).hexdigest()[:32]}{TMP_SUFFIX}"
+    return dest.with_name(name)
 
 
 def write_atomic(dest: Path, data: bytes) -> None:

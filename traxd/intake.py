@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import stat
 import time
 from collections.abc import Callable, Coroutine
@@ -52,7 +53,14 @@ class Intake:
         self.settler.settle_seconds = settings.daemon.settle_seconds
 
     def known(self, key: Key) -> bool:
-        return key in self.settler or key in self._hashing or self.journal.active(*key) is not None
+        return (key in self.settler or key in self._hashing
+                or self.journal.active(*key) is not None or self._claim_pending(key))
+
+    def _claim_pending(self, key: Key) -> bool:
+        """The file is one a job began to claim and has not moved yet: that job takes it."""
+        job = self.journal.claiming(*key)
+        return (job is not None and job.claimed_path is not None
+                and not os.path.lexists(job.claimed_path))
 
     # --- announcements ----------------------------------------------------------------------
 
@@ -81,6 +89,8 @@ class Intake:
         now = self.clock()
         job = self.journal.active(*key)
         if job is None:
+            if self._claim_pending(key):
+                return
             job = self.journal.add_seen(inbox.name, rel, info.st_size, info.st_mtime_ns,
                                         inbox.priority, now)
             metrics.FILES_DISCOVERED.labels(inbox=inbox.name).inc()

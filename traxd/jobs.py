@@ -38,6 +38,7 @@ from traxd.folders import (
     describe_unprocessable,
     move,
     remove_empty_parents,
+    sidecar_path,
     unique_path,
     write_atomic,
 )
@@ -323,7 +324,7 @@ class JobRunner:
     def place_original(self, job: Job, final: Path, outcome: JobState) -> None:
         """Move the original to final (and its error sidecar beside it on failure)."""
         if outcome is JobState.FAILED:
-            write_atomic(final.with_name(final.name + ".error.json"), sidecar(job))
+            write_atomic(sidecar_path(final), sidecar(job))
         src = self.source(job)
         if os.path.lexists(src) and not os.path.lexists(final):
             move(src, final)

@@ -168,6 +168,19 @@ class Journal:
         return Job.from_row(row) if row else None
 
     @_locked
+    def claiming(self, inbox: str, rel_path: str) -> Job | None:
+        """The unfinished job that chose a processing/ path for this inbox file, if any.
+
+        Its rename may not have happened (a crash between the journal write and the move,
+        or a move that failed and waits for its retry); the claim, repeated, completes it.
+        """
+        row = self._conn.execute(
+            "SELECT * FROM jobs WHERE inbox = ? AND rel_path = ? AND claimed_path IS NOT NULL"
+            " AND final_path IS NULL AND state IN (?, ?, ?, ?) ORDER BY id DESC LIMIT 1",
+            (inbox, rel_path, *ACTIVE)).fetchone()
+        return Job.from_row(row) if row else None
+
+    @_locked
     def in_states(self, *states: JobState, inbox: str | None = None) -> list[Job]:
         marks = ", ".join("?" * len(states))
         sql = f"SELECT * FROM jobs WHERE state IN ({marks})"  # noqa: S608 - only placeholders

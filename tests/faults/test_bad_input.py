@@ -1,0 +1,541 @@
+"""Bad input: each bad file ends with a clear reason, the daemon keeps running, and a good
+file dropped afterwards is still processed."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from itertools import count
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.faults.kit import (
+    Box,
+    FaultDaemon,
+    Tally,
+    job_of,
+    log_events,
+    make_media,
+    read_jobs,
+)
+from tests.helpers import base_daemon, copy_step, files_under, wait_until, write_config
+from traxd.control import request
+from traxd.journal import Journal
+
+pytestmark = pytest.mark.faults
+
+OUTCOME_TIMEOUT = 30.0
+
+
+@dataclass
+class Rig:
+    """One daemon for the whole module: a `command` inbox and a `preprocess` inbox."""
+
+    root: Path
+    config: Path
+    daemon: FaultDaemon
+    cmd: Box
+    media: Box
+    ledger: Path
+    outside: Path  # a folder no inbox contains: symbolic links point here
+    sources: dict[str, Path]  # real media made with espeak-ng and ffmpeg
+    tally: Tally
+    serial: Iterator[int] = field(default_factory=count)
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state"
+
+    def control(self, command: str, **args: Any) -> dict[str, Any]:
+        return request(self.state / "traxd.sock", command, **args)
+
+    def tried(self, what: str) -> None:
+        self.tally.bad_inputs.append(what)
+        self.tally.files_dropped += 1
+
+    def wait_failed(self, box: Box, name: str) -> dict[str, Any]:
+        wait_until(lambda: box.has_error(name), OUTCOME_TIMEOUT, message=f"{name!r} failed")
+        return box.error_of(name)
+
+    def wait_done(self, box: Box, name: str) -> None:
+        wait_until(lambda: name in files_under(box.done), OUTCOME_TIMEOUT,
+                   message=f"{name!r} done")
+
+    def assert_healthy(self) -> None:
+        """The daemon still runs, and a good file dropped now is processed."""
+        if not self.daemon.alive():
+            self.tally.daemon_crashes += 1
+            raise AssertionError("the daemon died:\n" + self.daemon.log_text()[-3000:])
+        name = f"good-{next(self.serial)}.mp3"
+        (self.cmd.inbox / name).write_bytes(name.encode())
+        self.tally.files_dropped += 1
+        self.wait_done(self.cmd, name)
+        assert (self.cmd.outputs / name.replace(".mp3", ".txt")).read_bytes() == name.encode()
+
+
+@pytest.fixture(scope="module")
+def rig(tally: Tally) -> Iterator[Rig]:
+    root = Path(tempfile.mkdtemp(prefix="traxd-bad-", dir="/tmp"))
+    cmd, media = Box(root / "cmd").make(), Box(root / "media").make()
+    ledger = root / "ledger"
+    config = write_config(root / "traxd.toml", base_daemon(
+        root, settle_seconds=0.1, batch_interval="0.1s", reconcile_interval="1s",
+        max_retries=2), [
+        {"name": "cmd", "path": str(cmd.inbox), "pipeline": [{"command": copy_step(ledger)}]},
+        {"name": "media", "path": str(media.inbox), "pipeline": ["preprocess"]},
+    ])
+    outside = root / "outside"
+    outside.mkdir()
+    sources = make_media(root / "sources")
+    daemon = FaultDaemon(config, root / "daemon.log")
+    daemon.start()
+    try:
+        yield Rig(root, config, daemon, cmd, media, ledger, outside, sources, tally)
+    finally:
+        exit_code = daemon.terminate() if daemon.alive() else None
+        if exit_code != 0:
+            tally.daemon_crashes += 1
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def drop(box: Box, name: str, data: bytes) -> Path:
+    path = box.inbox / name
+    path.write_bytes(data)
+    return path
+
+
+# --- undecodable and odd media (the preprocess step) ---------------------------------------
+
+
+@pytest.mark.parametrize(("name", "data", "reason", "words"), [
+    ("empty.mp3", b"", "undecodable", "cannot decode empty.mp3"),
+    ("noise.mp3", hashlib.sha512(b"seed").digest() * 300, "undecodable",
+     "cannot decode noise.mp3"),
+    ("letter.mp4", b"Dear reader,\nthis is text, not a video.\n" * 20, "undecodable",
+     "cannot decode letter.mp4"),
+])
+def test_undecodable_input_fails_permanently_with_a_readable_reason(
+        rig: Rig, name: str, data: bytes, reason: str, words: str) -> None:
+    # Given a file that is no media at all, named like media
+    rig.tried(name)
+    # When it is dropped into an inbox whose pipeline is ffmpeg preprocessing
+    drop(rig.media, name, data)
+    # Then it fails at once (no retries), with a sentence a person can act on
+    error = rig.wait_failed(rig.media, name)
+    assert error["category"] == "permanent"
+    assert error["reason"] == reason
+    assert error["step"] == "preprocess"
+    assert error["attempts"] == 1
+    assert words in error["message"] and "ffmpeg can read" in error["message"]
+    assert (rig.media.failed / name).read_bytes() == data
+    rig.assert_healthy()
+
+
+def test_truncated_mp3_keeps_the_audio_that_is_there(rig: Rig) -> None:
+    # Given an mp3 of real speech cut in the middle of a frame
+    rig.tried("truncated mp3")
+    data = rig.sources["mp3"].read_bytes()
+    drop(rig.media, "cut.mp3", data[: len(data) // 2 + 7])
+    # When it is preprocessed
+    # Then the frames that survive are decoded: done, no error sidecar
+    rig.wait_done(rig.media, "cut.mp3")
+    assert not rig.media.has_error("cut.mp3")
+    rig.assert_healthy()
+
+
+def test_truncated_wav_keeps_the_audio_that_is_there(rig: Rig) -> None:
+    # Given a wav whose header promises more samples than the file holds
+    rig.tried("truncated wav")
+    drop(rig.media, "cut.wav", rig.sources["wav"].read_bytes()[:20_000])
+    # Then it is decoded as far as it goes
+    rig.wait_done(rig.media, "cut.wav")
+    assert not rig.media.has_error("cut.wav")
+    rig.assert_healthy()
+
+
+def test_truncated_m4a_without_its_index_fails_as_undecodable(rig: Rig) -> None:
+    # Given an m4a cut before its index (moov atom) was written
+    rig.tried("truncated m4a")
+    drop(rig.media, "cut.m4a", rig.sources["m4a"].read_bytes()[:3000])
+    # Then it is a permanent failure that says it cannot be decoded
+    error = rig.wait_failed(rig.media, "cut.m4a")
+    assert (error["category"], error["reason"]) == ("permanent", "undecodable")
+    assert "cannot decode cut.m4a" in error["message"]
+    rig.assert_healthy()
+
+
+def test_silence_is_valid_audio_for_preprocessing(rig: Rig) -> None:
+    # Given two seconds of silence: audio with no speech in it
+    rig.tried("silence")
+    drop(rig.media, "quiet.wav", rig.sources["silence"].read_bytes())
+    # Then preprocessing (which does not judge speech) takes it: done, no error
+    rig.wait_done(rig.media, "quiet.wav")
+    assert not rig.media.has_error("quiet.wav")
+    rig.assert_healthy()
+
+
+# --- files that change or vanish while queued ---------------------------------------------
+
+
+def paused_and_queued(rig: Rig, name: str, data: bytes) -> Path:
+    """Pause the command inbox, drop a file, wait until the journal has it queued."""
+    rig.control("pause", inbox="cmd")
+    path = drop(rig.cmd, name, data)
+    wait_until(lambda: (job := job_of(rig.state, name)) is not None
+               and job["state"] == "queued", OUTCOME_TIMEOUT, message=f"{name} queued")
+    return path
+
+
+def test_a_file_deleted_while_queued_is_reported_not_retried(rig: Rig) -> None:
+    # Given a file queued in a paused inbox
+    rig.tried("deleted while queued")
+    try:
+        path = paused_and_queued(rig, "gone.mp3", b"soon gone")
+        # When it is deleted before a worker claims it, and the inbox resumes
+        path.unlink()
+    finally:
+        rig.control("resume", inbox="cmd")
+    # Then its job fails with the reason, once, and nothing is left behind
+    error = rig.wait_failed(rig.cmd, "gone.mp3")
+    assert (error["category"], error["step"]) == ("permanent", "claim")
+    assert "vanished" in error["message"]
+    assert "gone.mp3" not in files_under(rig.cmd.failed)
+    rig.assert_healthy()
+
+
+def test_a_file_replaced_while_queued_is_processed_as_its_new_content(rig: Rig) -> None:
+    # Given a file queued in a paused inbox
+    rig.tried("replaced while queued")
+    try:
+        path = paused_and_queued(rig, "swap.mp3", b"first version")
+        # When it is replaced by another file of the same name before it is claimed
+        replacement = rig.cmd.inbox / ".swap.mp3.part"
+        replacement.write_bytes(b"second, longer version")
+        replacement.rename(path)
+    finally:
+        rig.control("resume", inbox="cmd")
+    # Then the new content is processed, once, after settling again
+    rig.wait_done(rig.cmd, "swap.mp3")
+    assert (rig.cmd.done / "swap.mp3").read_bytes() == b"second, longer version"
+    assert (rig.cmd.outputs / "swap.txt").read_bytes() == b"second, longer version"
+    assert [n for n in files_under(rig.cmd.outputs) if n.startswith("swap")] == ["swap.txt"]
+    assert rig.ledger.read_text().split().count("swap.mp3") == 1
+    assert not rig.cmd.has_error("swap.mp3")
+    rig.assert_healthy()
+
+
+def test_a_file_without_read_permission(rig: Rig) -> None:
+    # Given a file nobody may read (mode 000)
+    rig.tried("no read permission")
+    path = rig.cmd.inbox / ".locked.mp3"
+    path.write_bytes(b"private")
+    path.chmod(0)
+    path.rename(rig.cmd.inbox / "locked.mp3")
+    if os.geteuid() == 0:
+        # Then, for root (who may read anything, as these tests run here), it is processed
+        rig.wait_done(rig.cmd, "locked.mp3")
+        assert (rig.cmd.outputs / "locked.txt").read_bytes() == b"private"
+    else:
+        # Then, for anyone else, it fails with the reason and is not retried
+        error = rig.wait_failed(rig.cmd, "locked.mp3")
+        assert error["category"] == "permanent"
+        assert "no read permission" in error["message"]
+    rig.assert_healthy()
+
+
+# --- things that are not regular files ------------------------------------------------------
+
+
+def test_a_fifo_is_refused_without_being_opened(rig: Rig) -> None:
+    # Given a named pipe in the inbox (opening it to read would block forever)
+    rig.tried("fifo")
+    os.mkfifo(rig.cmd.inbox / "pipe.mp3")
+    # Then it is moved to failed/ as it is, with the reason
+    error = rig.wait_failed(rig.cmd, "pipe.mp3")
+    assert error["category"] == "permanent"
+    assert "not a regular file" in error["message"]
+    assert stat.S_ISFIFO((rig.cmd.failed / "pipe.mp3").lstat().st_mode)
+    rig.assert_healthy()
+
+
+def test_a_directory_is_walked_and_an_empty_one_left_alone(rig: Rig) -> None:
+    # Given a folder holding a file, and an empty folder
+    rig.tried("directory")
+    (rig.cmd.inbox / "album" / "disc 1").mkdir(parents=True)
+    (rig.cmd.inbox / "album" / "disc 1" / "track.mp3").write_bytes(b"track one")
+    (rig.cmd.inbox / "empty folder").mkdir()
+    # Then the file inside is processed with its relative path kept, the folder it came
+    # from is tidied away, and the empty folder is neither failed nor removed
+    rig.wait_done(rig.cmd, "album/disc 1/track.mp3")
+    assert (rig.cmd.outputs / "album" / "disc 1" / "track.txt").read_bytes() == b"track one"
+    wait_until(lambda: not (rig.cmd.inbox / "album").exists(), 10, message="album tidied")
+    assert (rig.cmd.inbox / "empty folder").is_dir()
+    assert not any("folder" in f for f in files_under(rig.cmd.failed))
+    rig.assert_healthy()
+
+
+def test_symbolic_links_are_never_followed(rig: Rig) -> None:
+    # Given links in the inbox: to a file inside, to a file outside, to a folder outside
+    rig.tried("symbolic links")
+    secret = rig.outside / "secret.mp3"
+    secret.write_bytes(b"outside the inbox")
+    (rig.outside / "dir").mkdir()
+    (rig.outside / "dir" / "deep.mp3").write_bytes(b"deep outside")
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in rig.outside.rglob("*.mp3")}
+    staging = rig.cmd.inbox / ".staging"
+    staging.mkdir()
+    (staging / "real.mp3").write_bytes(b"the real one")
+    (staging / "inner-link.mp3").symlink_to("real.mp3")
+    (staging / "outer-link.mp3").symlink_to(secret)
+    (staging / "outer-dir").symlink_to(rig.outside / "dir")
+    for entry in sorted(staging.iterdir()):
+        entry.rename(rig.cmd.inbox / entry.name)
+    staging.rmdir()
+    # Then the real file is processed once, and every link fails with the reason, moved
+    # to failed/ still a link, its target untouched
+    rig.wait_done(rig.cmd, "real.mp3")
+    for link in ("inner-link.mp3", "outer-link.mp3", "outer-dir"):
+        error = rig.wait_failed(rig.cmd, link)
+        assert error["category"] == "permanent"
+        assert "symbolic link" in error["message"], error
+        assert (rig.cmd.failed / link).is_symlink()
+    after = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in rig.outside.rglob("*.mp3")}
+    assert after == before
+    assert not any(n.startswith(("secret", "deep", "outer", "inner"))
+                   for n in files_under(rig.cmd.outputs))
+    assert rig.ledger.read_text().split().count("real.mp3") == 1
+    rig.assert_healthy()
+
+
+# --- names ----------------------------------------------------------------------------------
+
+ODD_NAMES = [
+    "new\nline.mp3",
+    "it's \"quoted\" `back` $(x).mp3",
+    "-rf",
+    "--help.mp3",
+    "ünïcødé 日本語 🎧.mp3",
+    "a" * 251 + ".mp3",  # 255 bytes, the longest name a Linux filesystem allows
+    "ü" * 125 + "x.mp3",  # 255 bytes again, most of them in two-byte characters
+]
+
+
+@pytest.mark.parametrize("name", ODD_NAMES, ids=["newline", "quotes", "dash-rf", "dash-help",
+                                                 "unicode", "255-bytes", "255-bytes-utf8"])
+def test_odd_names_are_processed_as_names(rig: Rig, name: str) -> None:
+    # Given a file whose name is legal but awkward
+    assert len(os.fsencode(name)) <= 255
+    rig.tried(f"name {name[:12]!r}…" if len(name) > 12 else f"name {name!r}")
+    content = b"named " + os.fsencode(name)
+    drop(rig.cmd, name, content)
+    # Then it is processed like any other: one output, the original in done/
+    rig.wait_done(rig.cmd, name)
+    stem = name.rsplit(".", 1)[0] if name.endswith(".mp3") else name
+    assert (rig.cmd.outputs / f"{stem}.txt").read_bytes() == content
+    assert not rig.cmd.has_error(name)
+    rig.assert_healthy()
+
+
+def test_a_failing_file_with_a_255_byte_name_still_gets_its_error_report(rig: Rig) -> None:
+    # Given a file with the longest possible name whose step fails
+    name = "b" * 251 + ".mp3"
+    rig.tried("255-byte name, failing")
+    drop(rig.cmd, name, b"FAIL on purpose")
+    # Then it lands in failed/ with a readable report beside it (under a shortened name
+    # when "<name>.error.json" would be too long), and the daemon carries on
+    wait_until(lambda: name in files_under(rig.cmd.failed), OUTCOME_TIMEOUT,
+               message="long name failed")
+    reports = [f for f in files_under(rig.cmd.failed)
+               if f.startswith("bbbbbbbb") and f.endswith(".error.json")]
+    assert len(reports) == 1, files_under(rig.cmd.failed)
+    assert len(os.fsencode(reports[0])) == 255
+    report = json.loads((rig.cmd.failed / reports[0]).read_text())
+    assert report["file"] == name
+    assert report["category"] == "permanent" and "refusing to copy" in report["message"]
+    rig.assert_healthy()
+
+
+# --- the journal and the configuration --------------------------------------------------------
+
+
+def run_traxd(config: Path, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "traxd", "run", "--config", str(config)],
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def one_inbox_config(root: Path) -> Path:
+    return write_config(root / "traxd.toml", base_daemon(root), [{
+        "name": "main", "path": str(root / "box" / "inbox"),
+        "pipeline": [{"command": copy_step(root / "ledger")}]}])
+
+
+def damaged_pages(path: Path) -> None:
+    """A real journal with rows, then garbage written over its pages after the header."""
+    journal = Journal.open(path)
+    for n in range(200):
+        journal.add_seen("main", f"file-{n}.mp3", n, n, 5, float(n))
+    journal.close()
+    data = bytearray(path.read_bytes())
+    data[4096:] = hashlib.sha512(b"damage").digest() * ((len(data) - 4096) // 64)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["not-a-database", "damaged-pages"])
+def test_a_corrupt_journal_stops_start_up_and_is_left_as_it_was(
+        tmp_path: Path, tally: Tally, damage: str) -> None:
+    # Given a journal that is not a database, or whose pages are garbage
+    tally.bad_inputs.append(f"journal: {damage}")
+    config = one_inbox_config(tmp_path)
+    journal = tmp_path / "state" / "journal.sqlite3"
+    journal.parent.mkdir(parents=True)
+    if damage == "not-a-database":
+        journal.write_bytes(b"this is not SQLite\n" * 500)
+    else:
+        damaged_pages(journal)
+    before = journal.read_bytes()
+    # When the daemon starts
+    result = run_traxd(config)
+    # Then it refuses with a message naming the file and what to do, and touches nothing
+    assert result.returncode == 1, result.stderr
+    assert str(journal) in result.stderr
+    assert "move it aside" in result.stderr or "move the file aside" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert journal.read_bytes() == before
+
+
+def test_a_journal_locked_by_another_process_stops_start_up(tmp_path: Path,
+                                                             tally: Tally) -> None:
+    # Given another process holding the state directory's lock
+    tally.bad_inputs.append("journal: locked")
+    config = one_inbox_config(tmp_path)
+    lock = tmp_path / "state" / "traxd.lock"
+    lock.parent.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c",
+                               "import fcntl, sys, time\n"
+                               "f = open(sys.argv[1], 'a')\n"
+                               "fcntl.flock(f, fcntl.LOCK_EX)\n"
+                               "print('locked', flush=True)\n"
+                               "time.sleep(60)\n", str(lock)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        with lock.open("a") as probe, pytest.raises(BlockingIOError):
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # When the daemon starts
+        result = run_traxd(config)
+    finally:
+        holder.kill()
+        holder.wait(10)
+    # Then it says another traxd uses the state directory, and exits non-zero
+    assert result.returncode == 1
+    assert f"another traxd uses {lock.parent}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_config_that_fails_to_load_on_sighup_keeps_the_old_one(rig: Rig) -> None:
+    # Given the running daemon's config file replaced by one that does not load
+    rig.tried("config broken on SIGHUP")
+    good = rig.config.read_text()
+    rig.config.write_text(good.replace("workers = 2", "workers = -3"))
+    try:
+        # When it is told to reload
+        rig.daemon.signal(signal.SIGHUP)
+        wait_until(lambda: any(e["event"] == "reload_failed" for e in log_events(rig.daemon.log)),
+                   OUTCOME_TIMEOUT, message="reload_failed logged")
+    finally:
+        rig.config.write_text(good)
+    # Then it says why, keeps the running configuration, and goes on working
+    failed = [e for e in log_events(rig.daemon.log) if e["event"] == "reload_failed"]
+    assert "daemon.workers" in failed[-1]["error"]
+    assert not any(e["event"] == "reloaded" for e in log_events(rig.daemon.log))
+    rig.assert_healthy()
+    assert all(r["state"] in ("done", "failed") for r in read_jobs(rig.state)
+               if r["inbox"] == "cmd")
+
+
+def test_a_second_file_with_a_255_byte_name_gets_a_numbered_name_that_fits(rig: Rig) -> None:
+    # Given a file with the longest possible name already in done/
+    name = "c" * 251 + ".mp3"
+    rig.tried("255-byte name, twice")
+    drop(rig.cmd, name, b"first of two")
+    rig.wait_done(rig.cmd, name)
+    # When another file of that name (different content) arrives
+    drop(rig.cmd, name, b"second of two")
+    # Then both are kept: the second under a numbered name shortened to fit
+    wait_until(lambda: len([f for f in files_under(rig.cmd.done) if f.startswith("ccc")]) == 2,
+               OUTCOME_TIMEOUT, message="both long names done")
+    done = sorted(f for f in files_under(rig.cmd.done) if f.startswith("ccc"))
+    outputs = sorted(f for f in files_under(rig.cmd.outputs) if f.startswith("ccc"))
+    assert all(len(os.fsencode(f)) <= 255 for f in done + outputs)
+    assert sorted((rig.cmd.done / f).read_bytes() for f in done) == [b"first of two",
+                                                                     b"second of two"]
+    assert next(f for f in done if f != name).endswith(" (1).mp3")
+    assert len(outputs) == 2
+    rig.assert_healthy()
+
+
+# --- a disk that fills up ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_outputs(short_root: Path) -> Iterator[Path]:
+    """outputs/ on a 64 KiB tmpfs (needs the right to mount: root here)."""
+    outputs = short_root / "box" / "outputs"
+    outputs.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(outputs)],
+                             capture_output=True, text=True, check=False)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill ({mounted.stderr.strip()})")
+    try:
+        yield outputs
+    finally:
+        subprocess.run(["umount", "-l", str(outputs)], check=False)
+
+
+def test_a_disk_that_fills_while_outputs_are_written(short_root: Path, tiny_outputs: Path,
+                                                     tally: Tally) -> None:
+    # Given an inbox whose outputs/ folder has 64 KiB of room
+    tally.bad_inputs.append("disk full while writing outputs")
+    box = Box(short_root / "box").make()
+    ledger = short_root / "ledger"
+    config = write_config(short_root / "traxd.toml", base_daemon(
+        short_root, settle_seconds=0.1, batch_interval="0.1s", max_retries=50,
+        retry_backoff="0.2s", retry_backoff_max="0.5s"), [{
+            "name": "main", "path": str(box.inbox), "pipeline": [{"command": copy_step(ledger)}]}])
+    big = hashlib.sha512(b"big").digest() * 3000  # 192 KB: cannot fit
+    daemon = FaultDaemon(config, short_root / "log").start()
+    tally.files_dropped += 1
+    try:
+        # When a file whose output cannot fit is processed
+        drop(box, "big.mp3", big)
+        wait_until(lambda: sum(e["event"] == "job_retry" for e in daemon.events()) >= 2, 30,
+                   message="two retries")
+        # Then no partial output is left, the file waits in processing/, not failed
+        retries = [e for e in daemon.events() if e["event"] == "job_retry"]
+        assert retries[0]["step"] == "publish"
+        assert "No space left on device" in retries[0]["error"]
+        assert os.listdir(tiny_outputs) == []
+        assert files_under(box.processing) == ["big.mp3"]
+        assert files_under(box.failed) == []
+        # And once there is room again, the retry completes it: one whole output
+        subprocess.run(["mount", "-o", "remount,size=1m", str(tiny_outputs)], check=True)
+        wait_until(lambda: files_under(box.done) == ["big.mp3"], 30, message="big.mp3 done")
+        assert daemon.alive()
+        assert daemon.terminate() == 0
+    finally:
+        daemon.stop()
+    assert files_under(box.outputs) == ["big.txt"]
+    assert (box.outputs / "big.txt").read_bytes() == big
+    assert ledger.read_text().split() == ["big.mp3"]  # the step ran once; publish retried
