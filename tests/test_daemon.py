@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.helpers import (
@@ -159,3 +160,20 @@ def test_bad_config_stops_start_up_with_file_key_and_reason(tmp_path: Path) -> N
     assert result.returncode == 2
     assert f"{config}: daemon.workers: must be at least 1" in result.stderr
     assert time.monotonic() - started < 30
+
+
+def test_a_restart_stops_step_processes_left_by_a_killed_daemon(tmp_path: Path) -> None:
+    # Given a daemon killed while a long step process runs
+    root, config, _ = setup_inbox(tmp_path, delay=60.0)
+    (root / "inbox" / "long.mp3").write_bytes(b"long")
+    daemon = DaemonProcess(config, tmp_path / "log").start()
+    assert daemon.proc is not None
+    parent = psutil.Process(daemon.proc.pid)
+    step = wait_until(lambda: parent.children(recursive=True), 30, message="a step process")[0]
+    daemon.kill()
+    assert step.is_running()
+    # When it starts again, the orphan is stopped and the step runs anew
+    with running_daemon(config, tmp_path / "log"):
+        wait_until(lambda: not step.is_running() or step.status() == psutil.STATUS_ZOMBIE, 30,
+                   message="the orphan stopped")
+    assert "orphans_stopped" in (tmp_path / "log").read_text()

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import copy_step, files_under, with_pipeline
+from traxd import jobs
 from traxd.config import Settings
 from traxd.errors import BackendFatal, Permanent, Retry
 from traxd.folders import InboxFolders
@@ -197,3 +202,28 @@ def test_names_never_become_options() -> None:
     argv = render_argv(("tool", "{name}", "-o", "{stem}.txt", "--in={input}"),
                        {"input": "/p/-x.mp3", "output_dir": "/o", "stem": "-x", "name": "-x.mp3"})
     assert argv == ["tool", "./-x.mp3", "-o", "./-x.txt", "--in=/p/-x.mp3"]
+
+
+async def test_a_publish_cut_short_leaves_no_outputs_when_the_file_fails(
+        settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given two outputs, and a disk that fills after the first is written
+    h = Harness(dataclasses.replace(settings, daemon=dataclasses.replace(
+        settings.daemon, max_retries=0)), ScriptedStep("a"), ScriptedStep("b"))
+    job = h.drop("x.mp3")
+    real_copy = jobs.copy_atomic
+    copies: list[Path] = []
+
+    def filling(src: Path, dest: Path) -> None:
+        if copies:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        copies.append(dest)
+        real_copy(src, dest)
+
+    monkeypatch.setattr(jobs, "copy_atomic", filling)
+    # When the job runs out of retries
+    assert await h.runner.run(job.id) is Outcome.FAILED
+    # Then the output written before the disk filled is gone, and the reason is recorded
+    assert copies and not copies[0].exists()
+    assert files_under(h.folders.outputs) == []
+    sidecar = json.loads((h.folders.failed / "x.mp3.error.json").read_text())
+    assert "No space left" in sidecar["message"]

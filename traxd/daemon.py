@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -12,6 +13,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+import psutil
+from structlog.typing import FilteringBoundLogger
 
 from traxd import metrics, sdnotify
 from traxd.batcher import Batcher
@@ -31,6 +35,7 @@ from traxd.throttle import Governor
 from traxd.watcher import Watchers
 
 GOVERNOR_INTERVAL = 1.0
+OWNER_ENV = "TRAXD_STATE_DIR"
 
 
 @dataclass
@@ -59,6 +64,9 @@ class Daemon:
         """Everything that must succeed before work starts; raises with a clear message."""
         os.umask(self.settings.daemon.umask)
         self.lock.acquire()
+        stop_orphans(self.settings.daemon.state_dir, self.log)
+        # Every child inherits this mark, so the next start can find what a crash left running.
+        os.environ[OWNER_ENV] = str(self.settings.daemon.state_dir)
         self.journal = Journal.open(self.settings.daemon.state_dir / "journal.sqlite3")
         self.gate = BackendGate()
         self.steps = StepRegistry(self.settings)
@@ -80,8 +88,11 @@ class Daemon:
             self.journal.update(job.id, now, state=JobState.QUEUED, waiting_on=None)
         for job in self.journal.in_states(JobState.QUEUED, JobState.SEEN):
             if job.final_path is not None:
-                self.runner.finalize(job, self.log.bind(inbox=job.inbox, file=job.rel_path,
-                                                        job_id=job.id))
+                log = self.log.bind(inbox=job.inbox, file=job.rel_path, job_id=job.id)
+                try:
+                    self.runner.finalize(job, log)
+                except OSError as exc:  # e.g. failed/ not writable: the pool tries again
+                    log.error("finalize_failed", error=str(exc))
         swept = sum(sweep_temporaries(folder) for folders in self.runner.folders.values()
                     for folder in folders.all())
         self._sweep_work_dirs()
@@ -337,3 +348,22 @@ class Daemon:
         if inbox not in known:
             raise ValueError(f"no inbox named {inbox!r}; inboxes: {', '.join(known)}")
         return [inbox]
+
+
+def stop_orphans(state_dir: Path, log: FilteringBoundLogger) -> int:
+    """Kill step processes (ffmpeg, commands, model workers) left by a daemon that was killed.
+
+    They carry OWNER_ENV naming our state_dir; holding its lock, no other daemon owns them.
+    """
+    mark, killed = str(state_dir), 0
+    for proc in psutil.process_iter(["pid"]):
+        if proc.pid == os.getpid():
+            continue
+        with contextlib.suppress(psutil.Error, OSError):
+            if proc.environ().get(OWNER_ENV) == mark:
+                proc.kill()
+                killed += 1
+    if killed:
+        log.warning("orphans_stopped", processes=killed)
+    return killed
+

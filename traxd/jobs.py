@@ -130,7 +130,7 @@ class JobRunner:
         job = self.journal.get(job_id)
         log = get_logger(inbox=job.inbox, file=job.rel_path, job_id=job.id)
         if job.final_path is not None:
-            return self._outcome(self.finalize(job, log))
+            return await asyncio.to_thread(self._finalize_again, job, log)
         self.progress[job_id] = progress = Progress()
         try:
             return await self._run(job, progress, log)
@@ -303,7 +303,15 @@ class JobRunner:
         final = self.destination(job, outcome)
         job = self.journal.update(job.id, self.clock(), final_path=str(final), outcome=outcome,
                                   error=error)
+        if outcome is JobState.FAILED:
+            self._withdraw_outputs(job)
         return self.finalize(job, log)
+
+    def _withdraw_outputs(self, job: Job) -> None:
+        """A file that failed keeps no outputs: remove any that a cut-short publish wrote."""
+        for key, dest in (job.outputs or {}).items():
+            if not key.startswith(SPAWN_PREFIX):
+                Path(dest).unlink(missing_ok=True)
 
     def destination(self, job: Job, outcome: JobState) -> Path:
         folders = self.folders[job.inbox]
@@ -331,8 +339,17 @@ class JobRunner:
             folders = self.folders[job.inbox]
             remove_empty_parents(src, folders.processing if job.claimed_path else folders.inbox)
 
-    def _outcome(self, job: Job) -> Outcome:
-        return Outcome(job.state.value)
+    def _finalize_again(self, job: Job, log: FilteringBoundLogger) -> Outcome:
+        """Complete a move prepared before a crash; if it fails again, try later."""
+        try:
+            return Outcome(self.finalize(job, log).state.value)
+        except OSError as exc:
+            delay = compute_backoff(job.attempts + 1, factor=self.settings.daemon.retry_backoff,
+                                    max_backoff=self.settings.daemon.retry_backoff_max)
+            self.journal.update(job.id, self.clock(), attempts=job.attempts + 1,
+                                not_before=self.clock() + delay)
+            log.error("finalize_failed", error=str(exc), retry_in=round(delay, 1))
+            return Outcome.RETRY
 
     def _count_done(self, job: Job, state: PipelineState, seconds: float) -> None:
         metrics.JOB_DURATION.labels(inbox=job.inbox).observe(seconds)
