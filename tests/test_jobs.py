@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import copy_step, files_under, with_pipeline
-from traxd import jobs
+from traxd import folders, jobs
 from traxd.config import Settings
 from traxd.errors import BackendFatal, Permanent, Retry
 from traxd.folders import InboxFolders
@@ -210,7 +210,7 @@ async def test_a_publish_cut_short_leaves_no_outputs_when_the_file_fails(
     h = Harness(dataclasses.replace(settings, daemon=dataclasses.replace(
         settings.daemon, max_retries=0)), ScriptedStep("a"), ScriptedStep("b"))
     job = h.drop("x.mp3")
-    real_copy = jobs.copy_atomic
+    real_copy = folders.copy_atomic
     copies: list[Path] = []
 
     def filling(src: Path, dest: Path) -> None:
