@@ -11,6 +11,7 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from traxd.config import FolderNames, InboxSettings
 
@@ -118,13 +119,17 @@ def tmp_path_for(dest: Path) -> Path:
     return dest.with_name(name)
 
 
-def write_atomic(dest: Path, data: bytes) -> None:
-    """Write data to dest so that dest is either absent/old or complete, never partial."""
+@contextlib.contextmanager
+def atomic_file(dest: Path) -> Iterator[BinaryIO]:
+    """A file that becomes dest only when the block ends without error (tmp, fsync, replace).
+
+    Until then dest is absent or old, never partial; on error the temporary file is removed.
+    """
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path_for(dest)
     try:
         with tmp.open("wb") as handle:
-            handle.write(data)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, dest)
@@ -135,21 +140,14 @@ def write_atomic(dest: Path, data: bytes) -> None:
     fsync_dir(dest.parent)
 
 
+def write_atomic(dest: Path, data: bytes) -> None:
+    with atomic_file(dest) as handle:
+        handle.write(data)
+
+
 def copy_atomic(src: Path, dest: Path) -> None:
-    """Copy src to dest through a temporary file, fsync, os.replace."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path_for(dest)
-    try:
-        with src.open("rb") as fin, tmp.open("wb") as fout:
-            shutil.copyfileobj(fin, fout, 1 << 20)
-            fout.flush()
-            os.fsync(fout.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    fsync_dir(dest.parent)
+    with src.open("rb") as source, atomic_file(dest) as handle:
+        shutil.copyfileobj(source, handle, 1 << 20)
 
 
 def move(src: Path, dest: Path) -> None:
