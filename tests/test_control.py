@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -94,3 +95,24 @@ def test_status_without_a_daemon_says_so(tmp_path: Path) -> None:
     result = traxd(config, "status")
     assert result.returncode == 1
     assert "traxd is not running" in result.stderr
+
+
+def test_files_wait_outside_the_schedule_window(tmp_path: Path) -> None:
+    # Given an inbox whose window is a whole hour two hours from now
+    root = tmp_path / "box"
+    (root / "inbox").mkdir(parents=True)
+    hour = (datetime.now().hour + 2) % 24
+    config = write_config(tmp_path / "traxd.toml", base_daemon(tmp_path), [{
+        "name": "night", "path": str(root / "inbox"), "schedule": f"0 {hour} * * *",
+        "pipeline": [{"command": copy_step(tmp_path / "ledger")}]}])
+    with running_daemon(config, tmp_path / "log"):
+        # When a file arrives
+        (root / "inbox" / "later.mp3").write_bytes(b"x")
+        inbox = wait_until(lambda: (s := status(config)["inboxes"][0])["queued"] == 1 and s, 30,
+                           message="queued")
+        # Then it waits (across many batch ticks), and status names the next window
+        for _ in range(5):
+            again = status(config)["inboxes"][0]
+            assert (again["queued"], again["running"], again["done"]) == (1, [], 0)
+        assert datetime.fromisoformat(inbox["next_window"]).hour == hour
+    assert files_under(root / "inbox") == ["later.mp3"]
