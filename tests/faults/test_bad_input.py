@@ -120,11 +120,11 @@ def drop(box: Box, name: str, data: bytes) -> Path:
 
 
 @pytest.mark.parametrize(("name", "data", "reason", "words"), [
-    ("empty.mp3", b"", "undecodable", "cannot decode empty.mp3"),
+    ("empty.mp3", b"", "empty", "empty.mp3 is an empty file (0 bytes)"),
     ("noise.mp3", hashlib.sha512(b"seed").digest() * 300, "undecodable",
-     "cannot decode noise.mp3"),
+     "cannot decode noise.mp3: not audio or video that ffmpeg can read"),
     ("letter.mp4", b"Dear reader,\nthis is text, not a video.\n" * 20, "undecodable",
-     "cannot decode letter.mp4"),
+     "cannot decode letter.mp4: not audio or video that ffmpeg can read"),
 ])
 def test_undecodable_input_fails_permanently_with_a_readable_reason(
         rig: Rig, name: str, data: bytes, reason: str, words: str) -> None:
@@ -138,7 +138,7 @@ def test_undecodable_input_fails_permanently_with_a_readable_reason(
     assert error["reason"] == reason
     assert error["step"] == "preprocess"
     assert error["attempts"] == 1
-    assert words in error["message"] and "ffmpeg can read" in error["message"]
+    assert words in error["message"]
     assert (rig.media.failed / name).read_bytes() == data
     rig.assert_healthy()
 
