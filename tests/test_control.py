@@ -79,7 +79,7 @@ def test_retry_puts_failed_files_back(tmp_path: Path) -> None:
     root, config = make(tmp_path, delay=0.0)
     with running_daemon(config, tmp_path / "log"):
         (root / "inbox" / "x.mp3").write_bytes(b"FAIL")
-        wait_until(lambda: "x.mp3.error.json" in files_under(root / "failed"), 30,
+        wait_until(lambda: files_under(root / "failed") == ["x.mp3", "x.mp3.error.json"], 30,
                    message="failed")
         (root / "failed" / "x.mp3").write_bytes(b"fixed")
         result = traxd(config, "retry", "x.mp3")

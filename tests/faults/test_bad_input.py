@@ -66,7 +66,12 @@ class Rig:
         self.tally.files_dropped += 1
 
     def wait_failed(self, box: Box, name: str) -> dict[str, Any]:
-        wait_until(lambda: box.has_error(name), OUTCOME_TIMEOUT, message=f"{name!r} failed")
+        """The sidecar is written first, then the original moves: wait for both."""
+        def settled() -> bool:
+            still = set(files_under(box.inbox)) | set(files_under(box.processing))
+            return box.has_error(name) and name not in still
+
+        wait_until(settled, OUTCOME_TIMEOUT, message=f"{name!r} failed")
         return box.error_of(name)
 
     def wait_done(self, box: Box, name: str) -> None:
