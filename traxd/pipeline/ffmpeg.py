@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import re
@@ -176,7 +177,7 @@ class ProgressParser:
 
 async def probe(path: Path, tools: Tools, limits: ProcessLimits) -> MediaInfo:
     """What the file holds; Permanent when it is undecodable or has no audio."""
-    if path.stat().st_size == 0:
+    if (await asyncio.to_thread(path.stat)).st_size == 0:
         raise Permanent(f"{path.name} is an empty file (0 bytes)", reason="empty")
     info = await (_ffprobe(path, tools, limits) if tools.ffprobe else _probe_with_ffmpeg(
         path, tools, limits))
