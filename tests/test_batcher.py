@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from traxd import metrics
 from traxd.batcher import Batcher, group_by_size, order_jobs
 from traxd.config import DaemonSettings
 from traxd.journal import Job, JobState, Journal
@@ -52,3 +53,20 @@ async def test_tick_hands_ready_jobs_of_open_inboxes_to_the_pool(tmp_path: Path)
         batcher.shutdown()
         server.cancel()
     assert order == ["b", "c", "a"]
+
+
+async def test_queue_depth_gauge_returns_to_zero_when_the_queue_empties(tmp_path: Path) -> None:
+    journal = Journal.open(tmp_path / "j.sqlite3")
+    job = queued(journal, "gauge-a", 1)
+    gov = Governor(DaemonSettings(workers=1), sampler=lambda: Sample(10_000, 0))
+
+    async def run(job_id: int) -> None:
+        return None
+
+    batcher = Batcher(journal, WorkerPool(run, gov), open_inboxes=lambda now: [])
+    depth = metrics.QUEUE_DEPTH.labels(inbox="in")
+    await batcher.tick()
+    assert depth._value.get() == 1
+    journal.update(job.id, 2.0, state=JobState.DONE)
+    await batcher.tick()
+    assert depth._value.get() == 0

@@ -12,7 +12,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 from traxd import metrics
-from traxd.journal import Job, Journal
+from traxd.journal import Job, JobState, Journal
 from traxd.logs import get_logger
 from traxd.pool import WorkerPool
 
@@ -60,6 +60,7 @@ class Batcher:
         self.clock = clock
         self.scheduler = AsyncIOScheduler()
         self._batch_of: dict[int, Batch] = {}
+        self._gauged: set[str] = set()
         self._log = get_logger(component="batcher")
 
     def start(self, interval: float) -> None:
@@ -103,7 +104,10 @@ class Batcher:
         self._publish_depth()
 
     def _publish_depth(self) -> None:
-        counts = self.journal.counts()
-        for inbox, states in counts.items():
+        # Only the live states: this runs after every job, and finished rows pile up for years.
+        counts = self.journal.counts(JobState.QUEUED, JobState.RUNNING)
+        self._gauged.update(counts)  # an inbox that empties still needs its gauges set to 0
+        for inbox in self._gauged:
+            states = counts.get(inbox, {})
             metrics.QUEUE_DEPTH.labels(inbox=inbox).set(states.get("queued", 0))
             metrics.JOBS_IN_PROGRESS.labels(inbox=inbox).set(states.get("running", 0))

@@ -298,8 +298,7 @@ class Daemon:
     def pause(self, inbox: str | None) -> dict[str, Any]:
         names = self._names(inbox)
         self.paused.update(names)
-        self.pool.withdraw({j.id for n in names for j in self.journal.in_states(
-            JobState.QUEUED, inbox=n)})
+        self._withdraw_queued(names)
         self.log.info("paused", inboxes=names)
         return {"paused": names}
 
@@ -317,8 +316,7 @@ class Daemon:
     def drain(self, inbox: str | None) -> dict[str, Any]:
         names = self._names(inbox)
         self.draining.update(names)
-        self.pool.withdraw({j.id for n in names for j in self.journal.in_states(
-            JobState.QUEUED, inbox=n)})
+        self._withdraw_queued(names)
         return {"draining": names, "running": len(self.pool.running)}
 
     def retry(self, names: list[str] | None) -> dict[str, Any]:
@@ -340,6 +338,11 @@ class Daemon:
         sidecar_path(failed).unlink(missing_ok=True)
         self.journal.delete(job.id)
         return True
+
+    def _withdraw_queued(self, names: list[str]) -> None:
+        """Queued jobs of these inboxes leave the pool's queue (running ones go on)."""
+        self.pool.withdraw({j.id for n in names
+                            for j in self.journal.in_states(JobState.QUEUED, inbox=n)})
 
     def _names(self, inbox: str | None) -> list[str]:
         known = [i.name for i in self.settings.inboxes]

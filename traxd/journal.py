@@ -208,11 +208,13 @@ class Journal:
         return Job.from_row(row) if row else None
 
     @_locked
-    def counts(self) -> dict[str, dict[str, int]]:
-        """{inbox: {state: count}} over all rows."""
+    def counts(self, *states: JobState) -> dict[str, dict[str, int]]:
+        """{inbox: {state: count}}, over the given states (all when none are given)."""
         result: dict[str, dict[str, int]] = {}
+        where = f"WHERE state IN ({', '.join('?' * len(states))})" if states else ""
         for inbox, state, n in self._conn.execute(
-                "SELECT inbox, state, COUNT(*) FROM jobs GROUP BY inbox, state"):
+                f"SELECT inbox, state, COUNT(*) FROM jobs {where} "  # noqa: S608
+                "GROUP BY inbox, state", states):
             result.setdefault(inbox, {})[state] = n
         return result
 
