@@ -11,19 +11,22 @@ import pytest
 
 from traxd.config import Settings
 from traxd.errors import Permanent
+from traxd.pipeline import ffmpeg as ffmpeg_module
 from traxd.pipeline.ffmpeg import (
     Chunk,
     PreprocessStep,
     Tools,
+    detect_silences,
     find_tools,
     parse_ffmpeg_banner,
+    parse_silences,
     plan_cuts,
     probe,
 )
 from traxd.procs import ProcessLimits
 
 from .conftest import ContextFactory, Media, with_changes
-from .helpers import ffprobe_stream, loudness
+from .helpers import ffmpeg, ffprobe_stream, loudness
 
 FORMATS = ["speech.wav", "speech.mp3", "speech.m4a", "speech.ogg", "speech.flac", "speech.mp4"]
 
@@ -118,6 +121,39 @@ def test_plan_cuts_prefers_the_longest_pause_before_the_limit() -> None:
     assert plan_cuts(25.0, 10.0, []) == [10.0, 20.0]
     # short enough: no cut
     assert plan_cuts(9.0, 10.0, silences) == []
+
+
+def test_silence_parser_survives_lines_split_by_another_writer() -> None:
+    # Given ametadata lines as a shared pipe delivered them: one cut by a progress block
+    lines = ["frame:1 pts:16000 pts_time:1", "lavfi.silence_start=1.5",
+             "lavfi.silence_end=2", "lavfi.silence_duration=0.5",
+             "lavfi.silence_start=4", "lavfi.silence_end=4.8bitrate=N/A", "progress=continue",
+             "lavfi.silence_start=7", "lavfi.silence_end=7.5",
+             "lavfi.silence_start=nan", "lavfi.silence_start=9.25"]
+    # When they are parsed
+    pauses = parse_silences(lines, duration=10.0)
+    # Then whole pauses are kept, the damaged one is skipped, the open one runs to the end
+    assert pauses == [(1.5, 2.0), (7.0, 7.5), (9.25, 10.0)]
+
+
+async def test_silences_of_a_long_file_survive_a_busy_progress_stream(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given 10 min of tone with a pause every 0.7 s: pause metadata far beyond one 32 KB
+    # pipe buffer, as an hour-long podcast makes
+    audio = tmp_path / "pulses.wav"
+    pulses = "if(lt(mod(t\\,0.7)\\,0.35)\\,0.5*sin(2*PI*440*t)\\,0)"
+    ffmpeg("-f", "lavfi", "-i", f"aevalsrc={pulses}:s=16000:d=600", str(audio))
+    # When ffmpeg writes progress as often as it can, as it does on a busy machine
+    busy = (*ffmpeg_module.GLOBAL_ARGS, "-stats_period", "0.0005")
+    monkeypatch.setattr(ffmpeg_module, "GLOBAL_ARGS", busy)
+    pauses = await detect_silences(audio, find_tools(), ProcessLimits(), 600.0, tmp_path)
+    # Then every pause is found whole, in order, where the audio is quiet
+    assert len(pauses) == 857
+    for index, (start, end) in enumerate(pauses):
+        assert start == pytest.approx(index * 0.7 + 0.35, abs=0.01)
+        assert end == pytest.approx(min(600.0, index * 0.7 + 0.7), abs=0.01)
+    # And the scratch file is gone
+    assert not (tmp_path / ffmpeg_module.SILENCE_LOG).exists()
 
 
 async def test_long_speech_is_split_in_pauses(media: Media, make_ctx: ContextFactory,

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import math
 import re
 import shutil
 import wave
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -292,29 +293,62 @@ async def convert(
         raise failure(result, "conversion", src.name)
 
 
+SILENCE_LOG = "silences.txt"  # ametadata's own channel, written in the folder given
+
+
 async def detect_silences(
-    path: Path, tools: Tools, limits: ProcessLimits, duration: float
+    path: Path, tools: Tools, limits: ProcessLimits, duration: float, folder: Path
 ) -> list[tuple[float, float]]:
-    """(start, end) of each pause in the audio, from ffmpeg's silencedetect."""
-    starts: list[float] = []
-    ends: list[float] = []
+    """(start, end) of each pause in the audio, from ffmpeg's silencedetect.
 
-    def keep(line: str) -> None:
-        key, _, value = line.partition("=")
-        if key == "lavfi.silence_start":
-            starts.append(float(value))
-        elif key == "lavfi.silence_end":
-            ends.append(float(value))
-
+    The metadata goes to a file of its own: stdout carries `-progress`, and two writers on
+    one pipe interleave mid-line when a buffer is flushed early (a busy machine, a long file).
+    The file is named relative to `folder` (the child's working folder), so no path ever
+    needs filter-graph escaping.
+    """
+    log = folder / SILENCE_LOG
     stream = (ffmpeg.input(media_url(path))["a:0"]
               .filter("silencedetect", noise=SILENCE_NOISE, d=SILENCE_MIN)
-              .filter("ametadata", mode="print", file="-")
+              .filter("ametadata", mode="print", file=SILENCE_LOG)
               .output("-", format="null"))
-    result = await run_tool(compile_argv(stream, tools), limits, on_line=keep)
-    if result.returncode != 0:
-        raise failure(result, "silence detection", path.name)
-    ends += [duration] * (len(starts) - len(ends))
-    return list(zip(starts, ends, strict=True))
+    try:
+        result = await run_process(compile_argv(stream, tools), limits=limits, cwd=folder)
+        if result.returncode != 0:
+            raise failure(result, "silence detection", path.name)
+        text = await asyncio.to_thread(log.read_text, "utf-8", "replace")
+    finally:
+        await asyncio.to_thread(log.unlink, missing_ok=True)
+    return parse_silences(text.splitlines(), duration)
+
+
+def parse_silences(lines: Iterable[str], duration: float) -> list[tuple[float, float]]:
+    """Pairs each `lavfi.silence_start` with the `lavfi.silence_end` after it; a pause still
+    open at the end lasts to `duration`. Lines that are not one whole key=number are skipped,
+    so a damaged line can cost one pause, never the file."""
+    pauses: list[tuple[float, float]] = []
+    start: float | None = None
+    for line in lines:
+        key, _, value = line.strip().partition("=")
+        number = _number(value)
+        if number is None:
+            continue
+        if key == "lavfi.silence_start":
+            start = number
+        elif key == "lavfi.silence_end" and start is not None:
+            if number >= start:
+                pauses.append((start, number))
+            start = None
+    if start is not None and start < duration:
+        pauses.append((start, duration))
+    return pauses
+
+
+def _number(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value >= 0 else None
 
 
 def plan_cuts(
@@ -377,7 +411,7 @@ class Preprocessor:
                      ctx: StepContext, folder: Path) -> tuple[Chunk, ...]:
         if duration <= limit and fmt is WAV:
             return (Chunk(audio, 0.0, duration),)
-        silences = (await detect_silences(audio, self.tools, ctx.limits, duration)
+        silences = (await detect_silences(audio, self.tools, ctx.limits, duration, folder)
                     if duration > limit else [])
         bounds = [0.0, *plan_cuts(duration, limit, silences), duration]
         chunks = []
