@@ -1,4 +1,4 @@
-"""Batcher: LPT order, size-balanced groups, and the APScheduler tick feeding the pool."""
+"""Batcher: LPT order, size-balanced groups, and the APScheduler tick releasing to the pool."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from traxd.throttle import Governor, Sample
 
 
 def queued(journal: Journal, name: str, size: int, priority: int = 5) -> Job:
-    job = journal.add_seen("in", name, size, 0, priority, now=1.0)
-    return journal.update(job.id, 1.0, state=JobState.QUEUED)
+    job = journal.add_seen("in", name, size, 0, priority)
+    return journal.queue(job, None, size, 0)
 
 
 def test_order_and_groups(tmp_path: Path) -> None:
@@ -26,25 +26,25 @@ def test_order_and_groups(tmp_path: Path) -> None:
     assert sorted(sum(j.size for j in g) for g in groups) == [12, 12]
 
 
-async def test_tick_hands_ready_jobs_of_open_inboxes_to_the_pool(tmp_path: Path) -> None:
+async def test_the_tick_releases_queued_jobs_as_one_batch_and_wakes_the_pool(
+        tmp_path: Path) -> None:
     journal = Journal.open(tmp_path / "j.sqlite3")
     for name, size in [("a", 1), ("b", 3), ("c", 2)]:
         queued(journal, name, size)
     order: list[str] = []
     all_ran = asyncio.Event()
 
-    async def run(job_id: int) -> None:
-        order.append(journal.get(job_id).rel_path)
+    async def run(job: Job) -> None:
+        order.append(job.rel_path)
         if len(order) == 3:
             all_ran.set()
 
     gov = Governor(DaemonSettings(workers=1), sampler=lambda: Sample(10_000, 0))
-    pool = WorkerPool(run, gov)
-    closed = Batcher(journal, pool, open_inboxes=lambda now: [])
-    assert await closed.tick() is None
-
-    batcher = Batcher(journal, pool, open_inboxes=lambda now: ["in"])
+    pool = WorkerPool(journal, run, gov, lambda: ["in"])
+    batcher = Batcher(journal, pool)
     server = asyncio.create_task(pool.serve())
+    await asyncio.sleep(0)
+    assert order == []  # queued, not yet released
     batcher.start(interval=0.05)
     try:
         async with asyncio.timeout(5):
@@ -55,18 +55,33 @@ async def test_tick_hands_ready_jobs_of_open_inboxes_to_the_pool(tmp_path: Path)
     assert order == ["b", "c", "a"]
 
 
+async def test_a_batch_counts_its_files_and_bytes(tmp_path: Path) -> None:
+    journal = Journal.open(tmp_path / "j.sqlite3")
+    queued(journal, "a", 10)
+    queued(journal, "b", 32)
+    gov = Governor(DaemonSettings(workers=1), sampler=lambda: Sample(10_000, 0))
+
+    async def run(job: Job) -> None:
+        return None
+
+    batcher = Batcher(journal, WorkerPool(journal, run, gov, lambda: []))
+    batch = await batcher.tick()
+    assert batch is not None and (batch.files, batch.bytes) == (2, 42)
+    assert await batcher.tick() is None  # nothing new since
+
+
 async def test_queue_depth_gauge_returns_to_zero_when_the_queue_empties(tmp_path: Path) -> None:
     journal = Journal.open(tmp_path / "j.sqlite3")
     job = queued(journal, "gauge-a", 1)
     gov = Governor(DaemonSettings(workers=1), sampler=lambda: Sample(10_000, 0))
 
-    async def run(job_id: int) -> None:
+    async def run(job: Job) -> None:
         return None
 
-    batcher = Batcher(journal, WorkerPool(run, gov), open_inboxes=lambda now: [])
+    batcher = Batcher(journal, WorkerPool(journal, run, gov, lambda: []))
     depth = metrics.QUEUE_DEPTH.labels(inbox="in")
     await batcher.tick()
     assert depth._value.get() == 1
-    journal.update(job.id, 2.0, state=JobState.DONE)
+    journal.finish(journal.destine(job, JobState.DUPLICATE, "/d/gauge-a", None))
     await batcher.tick()
     assert depth._value.get() == 0

@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import copy_step, files_under, with_pipeline
-from traxd import folders, jobs
+from traxd import folders, moves
 from traxd.config import Settings
 from traxd.errors import BackendFatal, Permanent, Retry
+from traxd.executor import LocalExecutor
 from traxd.folders import InboxFolders
 from traxd.jobs import BackendGate, JobRunner, Outcome
 from traxd.journal import Job, JobState, Journal
-from traxd.logs import get_logger
+from traxd.moves import Ending, Mover
 from traxd.pipeline.base import StepContext, StepResult
 from traxd.pipeline.command import render_argv
 from traxd.pipeline.registry import StepRegistry
@@ -52,7 +53,8 @@ class Harness:
         for step in steps:
             self.registry.register(step.name, step)
         self.gate = BackendGate()
-        self.runner = JobRunner(self.settings, self.journal, self.registry, self.gate)
+        executor = LocalExecutor(self.settings, self.registry)
+        self.runner = JobRunner(self.settings, self.journal, executor, self.gate, Mover({}))
         self.folders = InboxFolders.of(self.settings.inboxes[0], self.settings.folders)
         self.folders.create()
 
@@ -61,26 +63,41 @@ class Harness:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
         info = path.stat()
-        job = self.journal.add_seen("main", rel, info.st_size, info.st_mtime_ns, 5, now=1.0)
-        return self.journal.update(job.id, 1.0, state=JobState.QUEUED, sha256="ab")
+        job = self.journal.add_seen("main", rel, info.st_size, info.st_mtime_ns, 5)
+        return self.take(self.journal.queue(job, "ab", info.st_size, info.st_mtime_ns))
+
+    def take(self, job: Job) -> Job:
+        """The job as the pool would hand it over: the current row, out of the ready set."""
+        current = self.journal.get(job.id)
+        self.journal.take(current)
+        return current
+
+    async def run(self, job: Job) -> Outcome:
+        return await self.runner.run(self.take(job))
+
+    def finished(self, job: Job, state: JobState) -> bool:
+        return job.id not in self.journal and self.journal.count("main", state) >= 1
 
 
 async def test_done_job_publishes_outputs_and_moves_the_original(settings: Settings) -> None:
     h = Harness(settings, ScriptedStep("a"), ScriptedStep("b"))
     job = h.drop("talks/intro.mp3")
-    assert await h.runner.run(job.id) is Outcome.DONE
+    assert await h.run(job) is Outcome.DONE
     assert files_under(h.folders.outputs) == ["talks/intro.a", "talks/intro.b"]
     assert files_under(h.folders.done) == ["talks/intro.mp3"]
     assert files_under(h.folders.inbox) == files_under(h.folders.processing) == []
-    assert h.journal.get(job.id).state is JobState.DONE
+    assert h.finished(job, JobState.DONE)
     assert not (h.runner.work_root / str(job.id)).exists()
+    # And the row on disk says so
+    h.journal.sync()
+    assert h.journal.done_with_hash("main", "ab") == job.id
 
 
 async def test_names_taken_in_outputs_and_done_get_numbers(settings: Settings) -> None:
     h = Harness(settings, ScriptedStep("a"))
     for _ in range(2):
         job = h.drop("x.mp3")
-        assert await h.runner.run(job.id) is Outcome.DONE
+        assert await h.run(job) is Outcome.DONE
     assert files_under(h.folders.outputs) == ["x (1).a", "x.a"]
     assert files_under(h.folders.done) == ["x (1).mp3", "x.mp3"]
 
@@ -88,7 +105,7 @@ async def test_names_taken_in_outputs_and_done_get_numbers(settings: Settings) -
 async def test_permanent_error_fails_with_a_sidecar(settings: Settings) -> None:
     h = Harness(settings, ScriptedStep("a"), ScriptedStep("b", [Permanent("no audio stream")]))
     job = h.drop("sub/bad.mp4")
-    assert await h.runner.run(job.id) is Outcome.FAILED
+    assert await h.run(job) is Outcome.FAILED
     assert files_under(h.folders.failed) == ["sub/bad.mp4", "sub/bad.mp4.error.json"]
     sidecar = json.loads((h.folders.failed / "sub/bad.mp4.error.json").read_text())
     assert sidecar["category"] == "permanent"
@@ -104,13 +121,13 @@ async def test_retry_resumes_after_the_last_finished_step(settings: Settings) ->
     first, second = ScriptedStep("a"), ScriptedStep("b", [Retry("HTTP 503", reason="http")])
     h = Harness(settings, first, second)
     job = h.drop("x.mp3")
-    assert await h.runner.run(job.id) is Outcome.RETRY
+    assert await h.run(job) is Outcome.RETRY
     again = h.journal.get(job.id)
     assert again.state is JobState.QUEUED
     assert again.step == 1
     assert again.priority == job.priority + 1
-    assert again.not_before > 1.0
-    assert await h.runner.run(job.id) is Outcome.DONE
+    assert again.not_before > job.updated
+    assert await h.run(job) is Outcome.DONE
     assert (first.runs, second.runs) == (1, 2)
     assert files_under(h.folders.outputs) == ["x.a", "x.b"]
 
@@ -119,7 +136,7 @@ async def test_retries_are_capped_then_the_file_fails(settings: Settings) -> Non
     errors: list[Exception] = [Retry("timeout", reason="timeout") for _ in range(10)]
     h = Harness(settings, ScriptedStep("a", errors))
     job = h.drop("x.mp3")
-    outcomes = [await h.runner.run(job.id) for _ in range(settings.daemon.max_retries + 1)]
+    outcomes = [await h.run(job) for _ in range(settings.daemon.max_retries + 1)]
     assert outcomes[:-1] == [Outcome.RETRY] * settings.daemon.max_retries
     assert outcomes[-1] is Outcome.FAILED
     sidecar = json.loads((h.folders.failed / "x.mp3.error.json").read_text())
@@ -131,7 +148,7 @@ async def test_fatal_backend_error_pauses_the_backend_and_keeps_the_file(
         settings: Settings) -> None:
     h = Harness(settings, ScriptedStep("a", [BackendFatal("401 bad key", backend="openai")]))
     job = h.drop("x.mp3")
-    assert await h.runner.run(job.id) is Outcome.WAITING
+    assert await h.run(job) is Outcome.WAITING
     assert h.gate.paused == {"openai": "401 bad key"}
     assert h.journal.get(job.id).state is JobState.WAITING
     assert files_under(h.folders.failed) == []
@@ -144,9 +161,9 @@ async def test_a_symlink_in_the_inbox_is_refused_not_followed(settings: Settings
     secret = tmp_path / "secret.txt"
     secret.write_text("do not read")
     (h.folders.inbox / "link.mp3").symlink_to(secret)
-    job = h.journal.add_seen("main", "link.mp3", 0, 0, 5, now=1.0)
-    h.journal.update(job.id, 1.0, state=JobState.QUEUED)
-    assert await h.runner.run(job.id) is Outcome.FAILED
+    job = h.journal.add_seen("main", "link.mp3", 0, 0, 5)
+    h.journal.queue(job, None, 0, 0)
+    assert await h.run(job) is Outcome.FAILED
     assert (h.folders.failed / "link.mp3").is_symlink()
     sidecar = json.loads((h.folders.failed / "link.mp3.error.json").read_text())
     assert "symbolic link" in sidecar["message"]
@@ -156,14 +173,13 @@ async def test_a_symlink_in_the_inbox_is_refused_not_followed(settings: Settings
 async def test_finalize_repeats_cleanly_after_a_crash_before_the_move(settings: Settings) -> None:
     h = Harness(settings, ScriptedStep("a"))
     job = h.drop("x.mp3")
-    log = get_logger()
-    claimed = h.runner.claim(job, log)
+    claimed = await h.runner.claims.claim(job)
     assert claimed is not None
     # Given a crash right after the destination was written down, before the move
-    final = h.runner.destination(claimed, JobState.DONE)
-    prepared = h.journal.update(job.id, 2.0, final_path=str(final), outcome=JobState.DONE)
+    h.journal.destine(claimed, JobState.DONE, str(h.folders.done / "x.mp3"), None)
+    h.journal.interrupt(h.journal.get(job.id))  # as recovery finds it
     # When the job is run again (as recovery does)
-    assert await h.runner.run(prepared.id) is Outcome.DONE
+    assert await h.run(job) is Outcome.DONE
     # Then the original is in done/ once and nowhere else
     assert files_under(h.folders.done) == ["x.mp3"]
     assert files_under(h.folders.processing) == []
@@ -171,18 +187,18 @@ async def test_finalize_repeats_cleanly_after_a_crash_before_the_move(settings: 
 
 async def test_publish_repeats_into_the_same_names(settings: Settings) -> None:
     h = Harness(settings, ScriptedStep("a"))
-    (h.folders.outputs / "x.a").parent.mkdir(parents=True, exist_ok=True)
     job = h.drop("x.mp3")
-    claimed = h.runner.claim(job, get_logger())
+    claimed = await h.runner.claims.claim(job)
     assert claimed is not None
-    from traxd.jobs import PipelineState
-
     artifact = h.runner.work_root / "x.a"
     artifact.parent.mkdir(parents=True, exist_ok=True)
     artifact.write_text("out")
-    state = PipelineState(artifacts={"x.a": str(artifact)})
-    h.runner.publish(claimed, state)
-    h.runner.publish(h.journal.get(job.id), state)  # a repeat after a crash
+    ending = Ending(claimed, JobState.DONE, artifacts={"x.a": str(artifact)})
+    [plan] = h.runner.mover.plan_outputs([ending])
+    planned = Ending(h.journal.plan_outputs(claimed, plan), JobState.DONE,
+                     artifacts={"x.a": str(artifact)})
+    assert h.runner.mover.publish([planned]) == [None]
+    assert h.runner.mover.publish([planned]) == [None]  # a repeat after a crash
     assert files_under(h.folders.outputs) == ["x.a"]
 
 
@@ -190,8 +206,8 @@ async def test_command_step_runs_a_real_program(settings: Settings, tmp_path: Pa
     ledger = tmp_path / "ledger"
     h = Harness(with_pipeline(settings, tuple(copy_step(ledger))))
     ok, bad = h.drop("-rf.mp3", b"good"), h.drop("bad.mp3", b"FAIL now")
-    assert await h.runner.run(ok.id) is Outcome.DONE
-    assert await h.runner.run(bad.id) is Outcome.FAILED
+    assert await h.run(ok) is Outcome.DONE
+    assert await h.run(bad) is Outcome.FAILED
     assert (h.folders.outputs / "-rf.txt").read_bytes() == b"good"
     sidecar = json.loads((h.folders.failed / "bad.mp3.error.json").read_text())
     assert "refusing to copy bad.mp3" in sidecar["message"]
@@ -213,15 +229,15 @@ async def test_a_publish_cut_short_leaves_no_outputs_when_the_file_fails(
     real_copy = folders.copy_atomic
     copies: list[Path] = []
 
-    def filling(src: Path, dest: Path) -> None:
+    def filling(src: Path, dest: Path, later: set[Path] | None = None) -> None:
         if copies:
             raise OSError(errno.ENOSPC, "No space left on device")
         copies.append(dest)
-        real_copy(src, dest)
+        real_copy(src, dest, later)
 
-    monkeypatch.setattr(jobs, "copy_atomic", filling)
+    monkeypatch.setattr(moves, "copy_atomic", filling)
     # When the job runs out of retries
-    assert await h.runner.run(job.id) is Outcome.FAILED
+    assert await h.run(job) is Outcome.FAILED
     # Then the output written before the disk filled is gone, and the reason is recorded
     assert copies and not copies[0].exists()
     assert files_under(h.folders.outputs) == []

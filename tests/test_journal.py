@@ -1,13 +1,17 @@
-"""Journal: rows per job, the order of ready work, recovery, damage and locking."""
+"""Journal: the state machine, the ready set's order, group commit, recovery, damage, locking."""
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
 
 from traxd.errors import AlreadyRunning, JournalError
-from traxd.journal import JobState, Journal, StateLock
+from traxd.journal import Job, JobState, Journal, StateLock, TransitionError
+from traxd.store import HOT_QUERIES
 
 
 @pytest.fixture
@@ -15,43 +19,143 @@ def journal(tmp_path: Path) -> Journal:
     return Journal.open(tmp_path / "j.sqlite3")
 
 
+def queued(journal: Journal, name: str, size: int = 10, priority: int = 5) -> Job:
+    job = journal.add_seen("in", name, size, 1, priority)
+    return journal.queue(job, "ab" * 32, size, 1)
+
+
+def rows(path: Path) -> dict[int, sqlite3.Row]:
+    conn = sqlite3.connect(path)
+    conn.row_factory = sqlite3.Row
+    try:
+        return {r["id"]: r for r in conn.execute("SELECT * FROM jobs")}
+    finally:
+        conn.close()
+
+
 def test_a_file_in_the_inbox_has_one_job(journal: Journal) -> None:
-    first = journal.add_seen("in", "a.mp3", 10, 1, 5, now=1.0)
-    again = journal.add_seen("in", "a.mp3", 10, 1, 5, now=2.0)
+    first = journal.add_seen("in", "a.mp3", 10, 1, 5)
+    again = journal.add_seen("in", "a.mp3", 10, 1, 5)
     assert first.id == again.id
     assert first.state is JobState.SEEN
 
 
 def test_once_claimed_the_name_is_free_for_a_new_file(journal: Journal) -> None:
-    first = journal.add_seen("in", "a.mp3", 10, 1, 5, now=1.0)
-    journal.update(first.id, 2.0, state=JobState.RUNNING, claimed_path="/p/a.mp3")
-    second = journal.add_seen("in", "a.mp3", 11, 2, 5, now=3.0)
+    first = queued(journal, "a.mp3")
+    journal.start(first, "/p/a.mp3")
+    second = journal.add_seen("in", "a.mp3", 11, 2, 5)
     assert second.id != first.id
+    assert journal.claiming("in", "a.mp3") == journal.get(first.id)
+    assert journal.unclaimed("in", "a.mp3") == second
 
 
-def test_ready_orders_by_priority_then_largest_first(journal: Journal) -> None:
-    ids = {}
+def test_a_transition_that_does_not_hold_is_refused(journal: Journal) -> None:
+    # Given a job that was only seen
+    job = journal.add_seen("in", "a.mp3", 10, 1, 5)
+    # When it is started, held or finished without being queued and destined
+    # Then each is refused and the job is left as it was
+    with pytest.raises(TransitionError, match="cannot start from seen"):
+        journal.start(job, "/p/a.mp3")
+    with pytest.raises(TransitionError, match="cannot hold from seen"):
+        journal.hold(job, "openai", {})
+    with pytest.raises(TransitionError, match="before its destination"):
+        journal.finish(job)
+    assert journal.get(job.id).state is JobState.SEEN
+    # And a finished job is no longer live: nothing can move it again
+    running = journal.start(journal.queue(job, None, 10, 1), "/p/a.mp3")
+    done = journal.finish(journal.destine(running, JobState.DONE, "/d/a.mp3", None))
+    with pytest.raises(TransitionError, match="not live"):
+        journal.retry(done, 0.0)
+
+
+def test_ready_order_is_priority_then_largest_first(journal: Journal) -> None:
+    names = {}
     for name, size, priority in [("small", 1, 5), ("big", 100, 5), ("urgent", 2, 1),
                                  ("mid", 50, 5)]:
-        job = journal.add_seen("in", name, size, 0, priority, now=1.0)
-        journal.update(job.id, 1.0, state=JobState.QUEUED)
-        ids[job.id] = name
-    later = journal.add_seen("in", "later", 1000, 0, 5, now=1.0)
-    journal.update(later.id, 1.0, state=JobState.QUEUED, not_before=50.0)
-    assert [ids[j.id] for j in journal.ready(10.0, ["in"])] == ["urgent", "big", "mid", "small"]
-    assert journal.ready(10.0, ["other"]) == []
+        names[queued(journal, name, size, priority).id] = name
+    # Nothing runs before the batch tick releases it
+    assert journal.next_ready(["in"]) is None
+    journal.ready.release(now=10.0)
+    order = []
+    while (job := journal.next_ready(["in"])) is not None:
+        order.append(names[job.id])
+    assert order == ["urgent", "big", "mid", "small"]
+    assert journal.next_ready(["other"]) is None
+
+
+def test_a_retried_job_waits_for_its_time_and_is_taken_once(journal: Journal) -> None:
+    job = queued(journal, "a.mp3")
+    journal.ready.release(now=1.0)
+    running = journal.start(journal.next_ready(["in"]) or job, "/p/a.mp3")
+    # When it is retried for time 50, then interrupted and queued again meanwhile
+    journal.retry(running, not_before=50.0)
+    journal.ready.release(now=10.0)
+    assert journal.next_ready(["in"]) is None
+    journal.ready.release(now=50.0)
+    taken = journal.next_ready(["in"])
+    # Then it is handed out once, with the lower priority of a retry
+    assert taken is not None and taken.id == job.id and taken.priority == job.priority + 1
+    assert journal.next_ready(["in"]) is None
+
+
+def test_counts_follow_the_transitions_and_survive_a_restart(tmp_path: Path) -> None:
+    journal = Journal.open(tmp_path / "j.sqlite3")
+    a, b = queued(journal, "a.mp3"), queued(journal, "b.mp3")
+    journal.finish(journal.destine(journal.start(a, "/p/a"), JobState.DONE, "/d/a", None))
+    journal.finish(journal.destine(b, JobState.FAILED, "/f/b", {"message": "bad"}))
+    assert journal.count("in", JobState.DONE) == journal.count("in", JobState.FAILED) == 1
+    assert journal.count("in", JobState.QUEUED, JobState.RUNNING) == 0
+    journal.close()
+    again = Journal.open(tmp_path / "j.sqlite3")
+    assert again.count("in", JobState.DONE) == again.count("in", JobState.FAILED) == 1
+    assert [j.rel_path for j in again.failed()] == ["b.mp3"]
 
 
 def test_running_jobs_go_back_to_queued_at_start(tmp_path: Path) -> None:
     journal = Journal.open(tmp_path / "j.sqlite3")
-    job = journal.add_seen("in", "a.mp3", 10, 1, 5, now=1.0)
-    journal.update(job.id, 2.0, state=JobState.RUNNING, step=2)
+    job = journal.step_done(journal.start(queued(journal, "a.mp3"), "/p/a.mp3"), 2)
     journal.close()
     reopened = Journal.open(tmp_path / "j.sqlite3")
-    assert [j.id for j in reopened.requeue_interrupted(3.0)] == [job.id]
+    assert [j.id for j in reopened.interrupt_all()] == [job.id]
     again = reopened.get(job.id)
     assert again.state is JobState.QUEUED
     assert again.step == 2
+    assert again.claimed_path == "/p/a.mp3"
+
+
+async def test_writes_are_committed_in_groups_and_awaited_before_moves(tmp_path: Path) -> None:
+    # Given a journal whose writer is held up (a slow disk)
+    journal = Journal.open(tmp_path / "j.sqlite3")
+    gate = threading.Event()
+    commit = journal.store._commit
+    commits: list[int] = []
+
+    def slow_commit(batch: list[tuple[str, object]]) -> BaseException | None:
+        gate.wait(10)
+        commits.append(len(batch))
+        return commit(batch)  # type: ignore[arg-type]
+
+    journal.store._commit = slow_commit  # type: ignore[assignment,method-assign]
+    # When 500 transitions happen and a mover awaits durability
+    for n in range(250):
+        queued(journal, f"f{n}.mp3")
+    waiting = asyncio.create_task(journal.durable())
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    gate.set()
+    await asyncio.wait_for(waiting, 10)
+    # Then they took a handful of commits, not one each, and all are on disk
+    assert sum(commits) == 500 and len(commits) <= 3
+    assert len(rows(tmp_path / "j.sqlite3")) == 250
+    journal.close()
+
+
+def test_hot_queries_use_an_index(journal: Journal) -> None:
+    for sql in HOT_QUERIES:
+        plan = " | ".join(journal.store.explain(sql))
+        scans = [d for d in journal.store.explain(sql)
+                 if d.startswith("SCAN") and "INDEX" not in d]
+        assert not scans, f"{sql}: {plan}"
 
 
 def test_a_damaged_journal_is_refused_and_left_alone(tmp_path: Path) -> None:

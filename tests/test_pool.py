@@ -1,10 +1,13 @@
-"""Pool: priority order, the concurrency cap, isolation of failures, stopping."""
+"""Pool: pulls from the journal's ready set in order, the concurrency cap, isolation, stopping."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from traxd.config import DaemonSettings
+from traxd.journal import Job, Journal
 from traxd.pool import WorkerPool
 from traxd.throttle import Admission, Governor, Sample
 
@@ -15,31 +18,69 @@ def governor(workers: int, sample: Sample = ROOMY) -> Governor:
     return Governor(DaemonSettings(workers=workers), sampler=lambda: sample)
 
 
-async def test_jobs_start_in_priority_then_size_order() -> None:
-    started: list[int] = []
+def released(tmp_path: Path, jobs: list[tuple[str, int, int]], inbox: str = "in") -> Journal:
+    """A journal whose jobs (name, priority, size) are queued and released by a tick."""
+    journal = Journal.open(tmp_path / "j.sqlite3")
+    for name, priority, size in jobs:
+        job = journal.add_seen(inbox, name, size, 0, priority)
+        journal.queue(job, None, size, 0)
+    journal.ready.release(now=journal.clock())
+    return journal
+
+
+def pool_of(journal: Journal, run: Callable[[Job], Awaitable[None]], workers: int,
+            inboxes: tuple[str, ...] = ("in",)) -> WorkerPool:
+    pool = WorkerPool(journal, run, governor(workers), lambda: inboxes)  # type: ignore[arg-type]
+    pool.wake()
+    return pool
+
+
+async def test_jobs_start_in_priority_then_size_order(tmp_path: Path) -> None:
+    journal = released(tmp_path, [("a", 5, 10), ("b", 5, 900), ("c", 1, 1), ("d", 5, 50)])
+    started: list[str] = []
     all_done = asyncio.Event()
 
-    async def run(job_id: int) -> None:
-        started.append(job_id)
+    async def run(job: Job) -> None:
+        started.append(job.rel_path)
         if len(started) == 4:
             all_done.set()
 
-    pool = WorkerPool(run, governor(1))
-    for job_id, priority, size in [(1, 5, 10), (2, 5, 900), (3, 1, 1), (4, 5, 50)]:
-        pool.submit(job_id, priority, size)
-    server = asyncio.create_task(pool.serve())
+    server = asyncio.create_task(pool_of(journal, run, 1).serve())
     async with asyncio.timeout(5):
         await all_done.wait()
     server.cancel()
-    assert started == [3, 2, 4, 1]
+    assert started == ["c", "b", "d", "a"]
 
 
-async def test_never_more_than_the_cap_at_once() -> None:
+async def test_closed_inboxes_keep_their_jobs_until_they_open(tmp_path: Path) -> None:
+    journal = released(tmp_path, [("x", 5, 1)], inbox="night")
+    started: list[str] = []
+
+    async def run(job: Job) -> None:
+        started.append(job.rel_path)
+
+    inboxes: tuple[str, ...] = ()
+    pool = WorkerPool(journal, run, governor(1), lambda: inboxes)
+    server = asyncio.create_task(pool.serve())
+    pool.wake()
+    await asyncio.sleep(0)
+    assert started == []
+    inboxes = ("night",)
+    pool.wake()
+    async with asyncio.timeout(5):
+        while not started:
+            await asyncio.sleep(0)
+    server.cancel()
+    assert started == ["x"]
+
+
+async def test_never_more_than_the_cap_at_once(tmp_path: Path) -> None:
+    journal = released(tmp_path, [(f"f{n}", 0, 0) for n in range(10)])
     running, peak = 0, 0
     release = asyncio.Event()
     finished = asyncio.Semaphore(0)
 
-    async def run(job_id: int) -> None:
+    async def run(job: Job) -> None:
         nonlocal running, peak
         running += 1
         peak = max(peak, running)
@@ -47,10 +88,7 @@ async def test_never_more_than_the_cap_at_once() -> None:
         running -= 1
         finished.release()
 
-    pool = WorkerPool(run, governor(3))
-    for job_id in range(10):
-        pool.submit(job_id, 0, 0)
-    server = asyncio.create_task(pool.serve())
+    server = asyncio.create_task(pool_of(journal, run, 3).serve())
     async with asyncio.timeout(5):
         while running < 3:
             await asyncio.sleep(0)
@@ -61,25 +99,24 @@ async def test_never_more_than_the_cap_at_once() -> None:
     assert peak == 3
 
 
-async def test_a_failing_or_hanging_job_does_not_touch_the_others() -> None:
-    done: list[int] = []
+async def test_a_failing_or_hanging_job_does_not_touch_the_others(tmp_path: Path) -> None:
+    journal = released(tmp_path, [("1", 0, 0), ("2", 0, 0), ("3", 0, 0), ("4", 0, 0)])
+    done: list[str] = []
     hang = asyncio.Event()
 
-    async def run(job_id: int) -> None:
-        if job_id == 1:
+    async def run(job: Job) -> None:
+        if job.rel_path == "1":
             raise RuntimeError("boom")
-        if job_id == 2:
+        if job.rel_path == "2":
             await hang.wait()
-        done.append(job_id)
+        done.append(job.rel_path)
 
-    pool = WorkerPool(run, governor(4))
-    for job_id in (1, 2, 3, 4):
-        pool.submit(job_id, 0, 0)
+    pool = pool_of(journal, run, 4)
     server = asyncio.create_task(pool.serve())
     async with asyncio.timeout(5):
-        while sorted(done) != [3, 4] or len(pool.running) > 1:
+        while sorted(done) != ["3", "4"] or len(pool.running) > 1:
             await asyncio.sleep(0)
-    assert list(pool.running) == [2]
+    assert len(pool.running) == 1
     await pool.stop(grace=0.1)
     server.cancel()
     assert pool.running == {}

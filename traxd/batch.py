@@ -23,33 +23,17 @@ from rich.progress import (
 )
 from rich.table import Table
 from rich.text import Text
-from structlog.typing import FilteringBoundLogger
 
 from traxd.config import InboxSettings, Settings
-from traxd.errors import Permanent
-from traxd.folders import InboxFolders, describe_unprocessable, scan, write_atomic
+from traxd.executor import LocalExecutor
+from traxd.folders import InboxFolders, scan, write_atomic
 from traxd.intake import sha256_file
 from traxd.jobs import BackendGate, JobRunner, Outcome
 from traxd.journal import Job, JobState, Journal
+from traxd.moves import InPlaceMover
 from traxd.pipeline.registry import StepRegistry
 
 BATCH_INBOX = "batch"
-
-
-class InPlaceRunner(JobRunner):
-    """A job runner that leaves originals where they are: no claim, no move."""
-
-    def claim(self, job: Job, log: FilteringBoundLogger) -> Job | None:
-        path = self.folders[job.inbox].inbox / job.rel_path
-        if (reason := describe_unprocessable(path)) is not None:
-            raise Permanent(reason, reason="input")
-        return self.journal.update(job.id, self.clock(), claimed_path=str(path))
-
-    def destination(self, job: Job, outcome: JobState) -> Path:
-        return self.folders[job.inbox].inbox / job.rel_path
-
-    def place_original(self, job: Job, final: Path, outcome: JobState) -> None:
-        return None
 
 
 @dataclass
@@ -70,19 +54,19 @@ class BatchRun:
             settings, inboxes=(inbox,),
             daemon=dataclasses.replace(settings.daemon, state_dir=state_dir))
         self.journal = Journal.open(state_dir / "batch.sqlite3")
-        self.runner = InPlaceRunner(self.settings, self.journal, StepRegistry(self.settings),
-                                    BackendGate())
+        executor = LocalExecutor(self.settings, StepRegistry(self.settings))
+        self.runner = JobRunner(self.settings, self.journal, executor, BackendGate(),
+                                InPlaceMover({}))
         self.runner.folders[BATCH_INBOX] = InboxFolders(root, root, root, output, output)
         self.tally = Tally()
 
     def jobs(self) -> list[Job]:
         """A job per file not yet done; unchanged files done before are skipped (resume),
         and a run that was interrupted goes on from its last finished step."""
-        now = time.time()
-        self.journal.requeue_interrupted(now)
-        done = {(j.rel_path, j.size, j.mtime_ns) for j in self.journal.in_states(JobState.DONE)}
-        unfinished = {(j.rel_path, j.size, j.mtime_ns): j for j in self.journal.in_states(
-            JobState.SEEN, JobState.QUEUED, JobState.WAITING)}
+        self.journal.interrupt_all()
+        self.journal.release_all()
+        done = self.journal.done_files()
+        unfinished = {(j.rel_path, j.size, j.mtime_ns): j for j in self.journal.live()}
         jobs = []
         for rel in sorted(scan(self.root)):
             path = self.root / rel
@@ -92,10 +76,10 @@ class BatchRun:
             key = (rel, info.st_size, info.st_mtime_ns)
             if key in done:
                 self.tally.skipped += 1
-            elif key in unfinished:
-                jobs.append(self.journal.update(unfinished[key].id, now, state=JobState.QUEUED))
             else:
-                jobs.append(self.journal.add_seen(BATCH_INBOX, *key, 0, now))
+                jobs.append(unfinished.get(key) or self.journal.add_seen(BATCH_INBOX, *key, 0))
+        for job in jobs:
+            self.journal.take(job)
         return jobs
 
     async def run(self) -> int:
@@ -113,30 +97,32 @@ class BatchRun:
             async with asyncio.TaskGroup() as group:
                 for job in jobs:
                     group.create_task(one(job))
-        await self.runner.steps.aclose()
-        self._report()
+        await self.runner.close()
+        await asyncio.to_thread(self._report)
+        self.journal.close()
         return 1 if self.tally.failed else 0
 
     async def _process(self, job: Job) -> None:
-        if job.sha256 is None and job.claimed_path is None:
+        if job.state is JobState.SEEN:
             digest = await asyncio.to_thread(sha256_file, self.root / job.rel_path)
-            job = self.journal.update(job.id, time.time(), sha256=digest, state=JobState.QUEUED)
+            job = self.journal.queue(job, digest, job.size, job.mtime_ns)
+            self.journal.take(job)
         while True:
-            outcome = await self.runner.run(job.id)
+            outcome = await self.runner.run(job)
             if outcome is not Outcome.RETRY:
                 break
-            delay = self.journal.get(job.id).not_before - time.time()
-            await asyncio.sleep(max(0.0, delay))  # the back-off itself, not synchronisation
-        final = self.journal.get(job.id)
-        if final.state is JobState.DONE:
+            job = self.journal.get(job.id)
+            self.journal.take(job)
+            await asyncio.sleep(max(0.0, job.not_before - time.time()))  # the back-off itself
+        if outcome is Outcome.DONE:
             self.tally.done += 1
-            self.tally.bytes += final.size
+            self.tally.bytes += job.size
         else:
             self.tally.failed += 1
 
     def _report(self) -> None:
-        failed = [j for j in self.journal.in_states(JobState.FAILED, JobState.WAITING)
-                  if j.updated >= self._started]
+        failed = [j for j in self.journal.failed() if j.updated >= self._started]
+        failed += self.journal.live(JobState.WAITING)
         self._write_failed(failed)
         table = Table(title=f"traxd batch: {self.root}")
         for column in ("done", "skipped (done before)", "failed", "MB processed"):

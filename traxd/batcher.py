@@ -1,4 +1,4 @@
-"""APScheduler ticks that gather ready jobs into batches for the pool."""
+"""APScheduler ticks that release queued jobs to the pool in batches."""
 
 from __future__ import annotations
 
@@ -15,13 +15,12 @@ from traxd import metrics
 from traxd.journal import Job, JobState, Journal
 from traxd.logs import get_logger
 from traxd.pool import WorkerPool
-
-OpenInboxes = Callable[[float], Sequence[str]]
+from traxd.readyset import order_key
 
 
 def order_jobs(jobs: Iterable[Job]) -> list[Job]:
-    """Inbox priority first (lower first), then the largest file first (LPT order)."""
-    return sorted(jobs, key=lambda j: (j.priority, -j.size, j.id))
+    """Jobs in the order they run (the ready set's order, for callers holding a list)."""
+    return sorted(jobs, key=lambda j: order_key(j.priority, j.size, j.id))
 
 
 def group_by_size(jobs: Sequence[Job], groups: int) -> list[list[Job]]:
@@ -50,13 +49,13 @@ class Batch:
 
 
 class Batcher:
-    """Every `batch_interval`, hands the ready jobs of open inboxes to the pool as one batch."""
+    """Every `batch_interval`, releases the jobs queued since the last tick (and retries now
+    due) to the pool as one batch, and wakes the pool."""
 
-    def __init__(self, journal: Journal, pool: WorkerPool, open_inboxes: OpenInboxes,
+    def __init__(self, journal: Journal, pool: WorkerPool,
                  clock: Callable[[], float] = time.time) -> None:
         self.journal = journal
         self.pool = pool
-        self.open_inboxes = open_inboxes
         self.clock = clock
         self.scheduler = AsyncIOScheduler()
         self._batch_of: dict[int, Batch] = {}
@@ -77,17 +76,15 @@ class Batcher:
             self.scheduler.shutdown(wait=False)
 
     async def tick(self) -> Batch | None:
-        now = self.clock()
-        inboxes = list(self.open_inboxes(now))
-        jobs = [j for j in self.journal.ready(now, inboxes) if j.id not in self.pool]
-        self._publish_depth()
-        if not jobs or not self.pool.accepting:
+        released = self.journal.ready.release(self.clock())
+        self.publish_depth()
+        self.pool.wake()
+        if not released:
             return None
-        batch = Batch(uuid.uuid4().hex[:12], set(), len(jobs), sum(j.size for j in jobs))
-        for job in order_jobs(jobs):
-            if self.pool.submit(job.id, job.priority, job.size):
-                batch.job_ids.add(job.id)
-                self._batch_of[job.id] = batch
+        size = -sum(entry.key[1] for entry in released)
+        batch = Batch(uuid.uuid4().hex[:12], {e.job_id for e in released}, len(released), size)
+        for job_id in batch.job_ids:
+            self._batch_of[job_id] = batch
         self._log.info("batch_formed", batch_id=batch.id, files=batch.files, bytes=batch.bytes)
         return batch
 
@@ -101,13 +98,12 @@ class Batcher:
             wall = round(time.monotonic() - batch.started, 3)
             self._log.info("batch_finished", batch_id=batch.id, files=batch.files,
                            bytes=batch.bytes, wall_seconds=wall, **batch.outcomes)
-        self._publish_depth()
 
-    def _publish_depth(self) -> None:
-        # Only the live states: this runs after every job, and finished rows pile up for years.
-        counts = self.journal.counts(JobState.QUEUED, JobState.RUNNING)
-        self._gauged.update(counts)  # an inbox that empties still needs its gauges set to 0
+    def publish_depth(self) -> None:
+        """Queue and in-progress gauges from the journal's counters (no query)."""
+        self._gauged.update(inbox for inbox, _ in self.journal.counts)
         for inbox in self._gauged:
-            states = counts.get(inbox, {})
-            metrics.QUEUE_DEPTH.labels(inbox=inbox).set(states.get("queued", 0))
-            metrics.JOBS_IN_PROGRESS.labels(inbox=inbox).set(states.get("running", 0))
+            metrics.QUEUE_DEPTH.labels(inbox=inbox).set(
+                self.journal.count(inbox, JobState.QUEUED))
+            metrics.JOBS_IN_PROGRESS.labels(inbox=inbox).set(
+                self.journal.count(inbox, JobState.RUNNING))

@@ -88,7 +88,7 @@ class ControlHandler(Protocol):
 
     def drain(self, inbox: str | None) -> dict[str, Any]: ...
 
-    def retry(self, names: list[str] | None) -> dict[str, Any]: ...
+    async def retry(self, names: list[str] | None) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -154,14 +154,14 @@ class ControlServer:
         self._server = None
         self._remove_own_socket()
 
-    def dispatch(self, line: bytes) -> dict[str, Any]:
+    async def dispatch(self, line: bytes) -> dict[str, Any]:
         """The answer to one request line (never raises)."""
         try:
             request = parse_request(line)
         except ValueError as exc:
             return {"ok": False, "error": str(exc)}
         try:
-            result = self._call(request)
+            result = await self._call(request)
         except (ValueError, LookupError, TraxdError) as exc:
             return {"ok": False, "error": _message(exc)}
         except Exception as exc:
@@ -169,7 +169,7 @@ class ControlServer:
             return {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"}
         return {"ok": True, "result": result}
 
-    def _call(self, request: Request) -> dict[str, Any]:
+    async def _call(self, request: Request) -> dict[str, Any]:
         handler = self.handler
         if request.command == "status":
             return handler.status()
@@ -179,7 +179,7 @@ class ControlServer:
             return handler.resume(request.inbox)
         if request.command == "drain":
             return handler.drain(request.inbox)
-        return handler.retry(request.names)
+        return await handler.retry(request.names)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
@@ -195,7 +195,7 @@ class ControlServer:
 
     async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while line := await reader.readline():
-            writer.write(encode(self.dispatch(line)))
+            writer.write(encode(await self.dispatch(line)))
             await writer.drain()
 
     def _remove_own_socket(self) -> None:

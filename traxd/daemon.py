@@ -1,4 +1,4 @@
-"""The daemon's life: start-up recovery, the running loops, signals, reload and shutdown."""
+"""The daemon's life: build the parts, recover, run the loops, signals, reload and shutdown."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +21,20 @@ from traxd.batcher import Batcher
 from traxd.config import Settings, load_settings
 from traxd.control import ControlServer
 from traxd.errors import ConfigError
-from traxd.exporter import start_http
-from traxd.folders import InboxFolders, move, sidecar_path, sweep_temporaries, unique_path
+from traxd.executor import LocalExecutor
+from traxd.exporter import HttpServerHandle, start_http
+from traxd.folders import InboxFolders, sweep_temporaries
+from traxd.gates import InboxGates
 from traxd.intake import Intake
-from traxd.jobs import BackendGate, JobRunner, Outcome
+from traxd.jobs import BackendGate, JobRunner
 from traxd.journal import Job, JobState, Journal, StateLock
 from traxd.logs import get_logger
+from traxd.looplag import watch_loop_lag
+from traxd.moves import Mover
+from traxd.operations import Operations, Parts
+from traxd.pipeline.base import Step
 from traxd.pipeline.registry import StepRegistry
 from traxd.pool import WorkerPool
-from traxd.schedule import Window
 from traxd.throttle import Governor
 from traxd.watcher import Watchers
 
@@ -48,82 +52,85 @@ class Flags:
 
 
 class Daemon:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, steps: Mapping[str, Step] | None = None) -> None:
         self.settings = settings
-        self.started_at = time.time()
+        self.extra_steps = dict(steps or {})
         self.log = get_logger(component="daemon")
         self.lock = StateLock(settings.daemon.state_dir)
-        self.paused: set[str] = set()
-        self.draining: set[str] = set()
-        self.heartbeat = time.monotonic()
         self._tasks: set[asyncio.Task[object]] = set()
 
     # --- start-up ---------------------------------------------------------------------------
 
-    def open(self) -> None:
-        """Everything that must succeed before work starts; raises with a clear message."""
-        os.umask(self.settings.daemon.umask)
+    async def open(self) -> None:
+        """Build every part once; raises with a clear message when something cannot start."""
+        settings = self.settings
+        os.umask(settings.daemon.umask)
         self.lock.acquire()
-        stop_orphans(self.settings.daemon.state_dir, self.log)
+        stop_orphans(settings.daemon.state_dir, self.log)
         # Every child inherits this mark, so the next start can find what a crash left running.
-        os.environ[OWNER_ENV] = str(self.settings.daemon.state_dir)
-        self.journal = Journal.open(self.settings.daemon.state_dir / "journal.sqlite3")
-        self.gate = BackendGate()
-        self.steps = StepRegistry(self.settings)
-        self.runner = JobRunner(self.settings, self.journal, self.steps, self.gate)
-        self.governor = Governor(self.settings.daemon)
-        self.pool = WorkerPool(self._run_job, self.governor)
-        self.intake = Intake(self.settings, self.journal, self._on_duplicate)
-        self.watchers = Watchers(self.intake.announce)
-        self.batcher = Batcher(self.journal, self.pool, self.open_inboxes)
-        self.windows = {i.name: Window.parse(i.schedule) for i in self.settings.inboxes}
-        for inbox in self.settings.inboxes:
-            InboxFolders.of(inbox, self.settings.folders).create()
+        os.environ[OWNER_ENV] = str(settings.daemon.state_dir)
+        path = settings.daemon.state_dir / "journal.sqlite3"
+        self.journal = await asyncio.to_thread(Journal.open, path)
+        self.backends = BackendGate()
+        self.runner = JobRunner(settings, self.journal, self._executor(settings), self.backends,
+                                Mover({}))
+        self.governor = Governor(settings.daemon)
+        self.gates = InboxGates(settings, self.backends)
+        self.pool = WorkerPool(self.journal, self._run_job, self.governor,
+                               lambda: self.gates.open(time.time()))
+        self.intake = Intake(settings, self.journal, self._on_duplicate)
+        self.watchers = Watchers(self.intake.announce_many)
+        self.batcher = Batcher(self.journal, self.pool)
+        self.operations = Operations(settings, Parts(
+            self.journal, self.pool, self.gates, self.backends, self.runner, self.governor,
+            self.watchers.alive))
+        await asyncio.to_thread(_create_folders, settings)
 
-    def recover(self) -> None:
+    def _executor(self, settings: Settings) -> LocalExecutor:
+        registry = StepRegistry(settings)
+        for name, step in self.extra_steps.items():
+            registry.register(name, step)
+        return LocalExecutor(settings, registry)
+
+    async def recover(self) -> None:
         """Put every job left by a crash or stop back on its way; clean temporary files."""
-        now = time.time()
-        interrupted = self.journal.requeue_interrupted(now)
-        for job in self.journal.in_states(JobState.WAITING):
-            self.journal.update(job.id, now, state=JobState.QUEUED, waiting_on=None)
-        for job in self.journal.in_states(JobState.QUEUED, JobState.SEEN):
-            if job.final_path is not None:
-                log = self.log.bind(inbox=job.inbox, file=job.rel_path, job_id=job.id)
-                try:
-                    self.runner.finalize(job, log)
-                except OSError as exc:  # e.g. failed/ not writable: the pool tries again
-                    log.error("finalize_failed", error=str(exc))
+        interrupted = self.journal.interrupt_all()
+        self.journal.release_all()
+        prepared = [j for j in self.journal.live(JobState.QUEUED) if j.final_path is not None]
+        for job in prepared:
+            self.journal.take(job)
+        await asyncio.gather(*(self.runner.run(job) for job in prepared))
+        live = {str(j.id) for j in self.journal.live()}
+        swept = await asyncio.to_thread(self._sweep, live)
+        self.log.info("recovered", resumed=len(interrupted), finalized=len(prepared),
+                      temporaries_removed=swept)
+
+    def _sweep(self, live: set[str]) -> int:
+        """Temporary files left by a crash mid-write; work folders of jobs no longer live."""
         swept = sum(sweep_temporaries(folder) for folders in self.runner.folders.values()
                     for folder in folders.all())
-        self._sweep_work_dirs()
-        self.log.info("recovered", resumed=len(interrupted), temporaries_removed=swept)
-
-    def _sweep_work_dirs(self) -> None:
         root = self.runner.work_root
-        if not root.is_dir():
-            return
-        live = {str(j.id) for j in self.journal.in_states(JobState.QUEUED, JobState.RUNNING,
-                                                          JobState.WAITING)}
-        for entry in root.iterdir():
-            if entry.name not in live:
-                shutil.rmtree(entry, ignore_errors=True)
+        if root.is_dir():
+            for entry in root.iterdir():
+                if entry.name not in live:
+                    shutil.rmtree(entry, ignore_errors=True)
+        return swept
 
     # --- running ----------------------------------------------------------------------------
 
     async def serve(self) -> int:
         self.flags = Flags()
         self._install_signals()
-        self.open()
-        self.recover()
+        await self.open()
+        await self.recover()
         metrics.set_build_info()
         for inbox in self.settings.inboxes:
             mode = self.watchers.start(inbox)
             self.log.info("watching", inbox=inbox.name, path=str(inbox.path), mode=mode)
         await self.intake.reconcile(count_missed=False)
-        self.control = ControlServer(self, self.settings.daemon.state_dir / "traxd.sock")
+        self.control = ControlServer(self.operations, self.settings.daemon.state_dir / "traxd.sock")
         await self.control.start()
-        self.http = start_http(self.settings.daemon.metrics_address, self) \
-            if self.settings.daemon.metrics_address else None
+        self.http = self._start_http()
         self.batcher.start(self.settings.daemon.batch_interval)
         sdnotify.notify("READY=1", f"STATUS=watching {len(self.settings.inboxes)} inboxes")
         self.log.info("ready", inboxes=[i.name for i in self.settings.inboxes],
@@ -134,10 +141,15 @@ class Daemon:
             await self._shutdown()
         return 0
 
+    def _start_http(self) -> HttpServerHandle | None:
+        address = self.settings.daemon.metrics_address
+        return start_http(address, self.operations) if address else None
+
     async def _main(self) -> None:
         async with asyncio.TaskGroup() as group:
             tasks = [group.create_task(self.pool.serve()),
                      group.create_task(self._govern()),
+                     group.create_task(watch_loop_lag()),
                      group.create_task(self._reconcile_loop()),
                      group.create_task(self._reload_loop())]
             await self.flags.stop.wait()
@@ -148,9 +160,9 @@ class Daemon:
         """Re-sample the machine each second; also the loop's heartbeat for health checks."""
         watchdog = sdnotify.watchdog_interval()
         while True:
-            self.heartbeat = time.monotonic()
+            self.operations.beat()
             self.governor.evaluate()
-            self.pool.poke()
+            self.pool.wake()
             if watchdog is not None and self.watchers.alive():
                 sdnotify.notify("WATCHDOG=1")
             await asyncio.sleep(GOVERNOR_INTERVAL)
@@ -166,28 +178,12 @@ class Daemon:
             self.flags.reload.clear()
             self.reload()
 
-    async def _run_job(self, job_id: int) -> None:
-        outcome = await self.runner.run(job_id)
-        self.batcher.job_finished(job_id, outcome.value)
-        if outcome in (Outcome.RETRY, Outcome.WAITING):
-            self.log.debug("job_deferred", job_id=job_id, outcome=outcome.value)
+    async def _run_job(self, job: Job) -> None:
+        outcome = await self.runner.run(job)
+        self.batcher.job_finished(job.id, outcome.value)
 
     def _on_duplicate(self, job: Job) -> None:
-        log = self.log.bind(inbox=job.inbox, file=job.rel_path, job_id=job.id)
-        self.runner.finish(job, JobState.DUPLICATE, None, log)
-
-    def open_inboxes(self, now: float) -> Sequence[str]:
-        moment = datetime.fromtimestamp(now).astimezone()
-        names = []
-        for inbox in self.settings.inboxes:
-            if inbox.name in self.paused or inbox.name in self.draining:
-                continue
-            if not self.windows[inbox.name].is_open(moment):
-                continue
-            if self.steps.backends(inbox.pipeline) & set(self.gate.paused):
-                continue
-            names.append(inbox.name)
-        return names
+        self._background(self.runner.finish_duplicate(job))
 
     # --- signals, reload, shutdown ----------------------------------------------------------
 
@@ -201,13 +197,12 @@ class Daemon:
         if self.flags.stop.is_set():
             self.flags.cold = True
             if hasattr(self, "pool"):
-                asyncio.get_running_loop().create_task(self.pool.cancel_all())
+                self._background(self.pool.cancel_all())
         self.flags.stop.set()
 
     def reload(self) -> None:
-        source = self.settings.source
         try:
-            new = load_settings(source)
+            new = load_settings(self.settings.source)
         except ConfigError as exc:
             self.log.error("reload_failed", error=str(exc), kept="the running configuration")
             return
@@ -220,30 +215,27 @@ class Daemon:
         for name, inbox in old.items():
             if fresh.get(name) != inbox:
                 self.watchers.stop(name)
-        self.settings = new
+        _create_folders(new)
         for name, inbox in fresh.items():
-            InboxFolders.of(inbox, new.folders).create()
             if old.get(name) != inbox:
                 self.watchers.start(inbox)
-        self.windows = {i.name: Window.parse(i.schedule) for i in new.inboxes}
-        self._swap_steps(new)
-        self.runner.settings = new
-        self.runner.folders = {i.name: InboxFolders.of(i, new.folders) for i in new.inboxes}
-        self.intake.configure(new)
+        self._swap_executor(new)
+        self.settings = self.operations.settings = new
+        for part in (self.runner, self.intake, self.gates):
+            part.configure(new)
         self.governor.cap = new.daemon.workers
         self.batcher.reschedule(new.daemon.batch_interval)
         self.log.info("reloaded", inboxes=sorted(fresh))
+        self.pool.wake()
         self._background(self.intake.reconcile(count_missed=False))
 
-    def _swap_steps(self, new: Settings) -> None:
+    def _swap_executor(self, new: Settings) -> None:
         """New step settings get new steps; the old ones close once the jobs using them end."""
-        old = self.steps.settings
+        old = self.settings
         if (old.transcribe, old.enhance, old.download) == (
                 new.transcribe, new.enhance, new.download):
-            self.steps.settings = new
             return
-        retired, self.steps = self.steps, StepRegistry(new)
-        self.runner.steps = self.steps
+        retired, self.runner.executor = self.runner.executor, self._executor(new)
         running = list(self.pool.running.values())
 
         async def close_when_idle() -> None:
@@ -260,97 +252,29 @@ class Daemon:
 
     async def _shutdown(self) -> None:
         sdnotify.notify("STOPPING=1")
+        if not hasattr(self, "pool"):  # start-up failed before the parts were built
+            self.lock.release()
+            return
         self.batcher.shutdown()
         grace = 0.0 if self.flags.cold else self.settings.daemon.shutdown_grace
         self.log.info("stopping", running=len(self.pool.running), grace_seconds=grace)
         await self.pool.stop(grace)
         self.watchers.stop_all()
         self.intake.close()
-        await self.control.close()
-        if self.http is not None:
+        await self.runner.close()
+        if hasattr(self, "control"):
+            await self.control.close()
+        if getattr(self, "http", None) is not None:
+            assert self.http is not None
             self.http.close()
-        await self.steps.aclose()
-        self.journal.close()
+        await asyncio.to_thread(self.journal.close)
         self.lock.release()
         self.log.info("stopped")
 
-    # --- health (for the HTTP exporter) -----------------------------------------------------
 
-    def alive(self) -> bool:
-        return time.monotonic() - self.heartbeat < 10 * GOVERNOR_INTERVAL
-
-    def ready(self) -> tuple[bool, str]:
-        if not self.watchers.alive():
-            return False, "a watcher has stopped"
-        if not self.journal.writable():
-            return False, "the journal is not writable"
-        if self.gate.paused:
-            return False, "paused backends: " + ", ".join(sorted(self.gate.paused))
-        return True, ""
-
-    # --- control (the socket's handler) -----------------------------------------------------
-
-    def status(self) -> dict[str, Any]:
-        from traxd.status import build_status
-
-        return build_status(self)
-
-    def pause(self, inbox: str | None) -> dict[str, Any]:
-        names = self._names(inbox)
-        self.paused.update(names)
-        self._withdraw_queued(names)
-        self.log.info("paused", inboxes=names)
-        return {"paused": names}
-
-    def resume(self, inbox: str | None) -> dict[str, Any]:
-        names = self._names(inbox)
-        self.paused.difference_update(names)
-        self.draining.difference_update(names)
-        backends = self.gate.resume() if inbox is None else []
-        for job in self.journal.in_states(JobState.WAITING):
-            if inbox is None or job.inbox == inbox:
-                self.journal.update(job.id, time.time(), state=JobState.QUEUED, waiting_on=None)
-        self.log.info("resumed", inboxes=names, backends=backends)
-        return {"resumed": names, "backends": backends}
-
-    def drain(self, inbox: str | None) -> dict[str, Any]:
-        names = self._names(inbox)
-        self.draining.update(names)
-        self._withdraw_queued(names)
-        return {"draining": names, "running": len(self.pool.running)}
-
-    def retry(self, names: list[str] | None) -> dict[str, Any]:
-        """Put failed files back into their inbox (all, or those named) to be processed anew."""
-        retried: list[str] = []
-        for job in self.journal.in_states(JobState.FAILED):
-            wanted = names is None or job.rel_path in names or Path(job.rel_path).name in names
-            if wanted and job.inbox in self.runner.folders and self._unfail(job):
-                retried.append(job.rel_path)
-        self.log.info("retry", files=retried)
-        return {"retried": retried}
-
-    def _unfail(self, job: Job) -> bool:
-        folders = self.runner.folders[job.inbox]
-        failed = Path(job.final_path or "")
-        if not failed.is_file():
-            return False
-        move(failed, unique_path(folders.inbox, job.rel_path))
-        sidecar_path(failed).unlink(missing_ok=True)
-        self.journal.delete(job.id)
-        return True
-
-    def _withdraw_queued(self, names: list[str]) -> None:
-        """Queued jobs of these inboxes leave the pool's queue (running ones go on)."""
-        self.pool.withdraw({j.id for n in names
-                            for j in self.journal.in_states(JobState.QUEUED, inbox=n)})
-
-    def _names(self, inbox: str | None) -> list[str]:
-        known = [i.name for i in self.settings.inboxes]
-        if inbox is None:
-            return known
-        if inbox not in known:
-            raise ValueError(f"no inbox named {inbox!r}; inboxes: {', '.join(known)}")
-        return [inbox]
+def _create_folders(settings: Settings) -> None:
+    for inbox in settings.inboxes:
+        InboxFolders.of(inbox, settings.folders).create()
 
 
 def stop_orphans(state_dir: Path, log: FilteringBoundLogger) -> int:
@@ -369,4 +293,3 @@ def stop_orphans(state_dir: Path, log: FilteringBoundLogger) -> int:
     if killed:
         log.warning("orphans_stopped", processes=killed)
     return killed
-

@@ -119,11 +119,26 @@ def tmp_path_for(dest: Path) -> Path:
     return dest.with_name(name)
 
 
+def fsync_dirs(folders: set[Path]) -> None:
+    """Make renames and new names in these folders durable: one fsync per folder."""
+    for folder in sorted(folders):
+        fsync_dir(folder)
+
+
+def _sync_dir(folder: Path, later: set[Path] | None) -> None:
+    if later is None:
+        fsync_dir(folder)
+    else:
+        later.add(folder)
+
+
 @contextlib.contextmanager
-def atomic_file(dest: Path) -> Iterator[BinaryIO]:
+def atomic_file(dest: Path, later: set[Path] | None = None) -> Iterator[BinaryIO]:
     """A file that becomes dest only when the block ends without error (tmp, fsync, replace).
 
     Until then dest is absent or old, never partial; on error the temporary file is removed.
+    With `later`, the folder is added to it for one fsync per batch (`fsync_dirs`) instead
+    of being synced here.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path_for(dest)
@@ -137,23 +152,24 @@ def atomic_file(dest: Path) -> Iterator[BinaryIO]:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
-    fsync_dir(dest.parent)
+    _sync_dir(dest.parent, later)
 
 
-def write_atomic(dest: Path, data: bytes) -> None:
-    with atomic_file(dest) as handle:
+def write_atomic(dest: Path, data: bytes, later: set[Path] | None = None) -> None:
+    with atomic_file(dest, later) as handle:
         handle.write(data)
 
 
-def copy_atomic(src: Path, dest: Path) -> None:
-    with src.open("rb") as source, atomic_file(dest) as handle:
+def copy_atomic(src: Path, dest: Path, later: set[Path] | None = None) -> None:
+    with src.open("rb") as source, atomic_file(dest, later) as handle:
         shutil.copyfileobj(source, handle, 1 << 20)
 
 
-def move(src: Path, dest: Path) -> None:
+def move(src: Path, dest: Path, later: set[Path] | None = None) -> None:
     """Rename src to dest; across filesystems copy, fsync, rename, then unlink src.
 
     dest must not exist (callers pick it with unique_path); a symbolic link is moved as a link.
+    With `later`, both folders are added to it for `fsync_dirs` instead of synced here.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -164,11 +180,11 @@ def move(src: Path, dest: Path) -> None:
         if src.is_symlink():
             os.symlink(os.readlink(src), dest)
         else:
-            copy_atomic(src, dest)
+            copy_atomic(src, dest, later)
         src.unlink()
-    fsync_dir(dest.parent)
+    _sync_dir(dest.parent, later)
     if src.parent != dest.parent:
-        fsync_dir(src.parent)
+        _sync_dir(src.parent, later)
 
 
 def remove_empty_parents(path: Path, stop: Path) -> None:

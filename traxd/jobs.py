@@ -1,54 +1,35 @@
 """Running one job: claim, steps with checkpoints, publish outputs, move the original.
 
-Every move is prepared in the journal before it happens (the destination is written
-first), so that `finalize` and `claim` can be repeated after a crash at any point and end
-in the same place: one set of outputs, the original in exactly one folder.
+Claims and finishes go through batched stages (traxd.stages), which write the journal
+before every move, so a crash at any point ends, after a restart, in one set of outputs
+and the original in exactly one folder. Steps run behind the executor seam.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
-import shutil
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from structlog.typing import FilteringBoundLogger
 
 from traxd import metrics
-from traxd.config import InboxSettings, Settings, StepSpec
-from traxd.errors import (
-    BackendFatal,
-    Category,
-    Permanent,
-    Retry,
-    StepTimeout,
-    classify_exception,
-    compute_backoff,
-)
-from traxd.folders import (
-    InboxFolders,
-    copy_atomic,
-    describe_unprocessable,
-    move,
-    remove_empty_parents,
-    sidecar_path,
-    unique_path,
-    write_atomic,
-)
+from traxd.config import Settings, StepSpec
+from traxd.errors import BackendFatal, Category, Retry, classify_exception, compute_backoff
+from traxd.executor import LocalExecutor, StepReply, build_request
+from traxd.folders import InboxFolders, write_atomic
 from traxd.journal import Job, JobState, Journal
 from traxd.logs import get_logger, redact_text
-from traxd.pipeline.base import JobInfo, StepContext, StepResult
-from traxd.pipeline.registry import StepRegistry, step_label
-from traxd.procs import ProcessLimits
-
-SPAWN_PREFIX = "spawn:"
+from traxd.moves import Ending, Mover
+from traxd.pipeline.base import JobInfo
+from traxd.pipeline.registry import step_label
+from traxd.stages import ClaimStage, FinishStage
 
 
 class Outcome(str, Enum):
@@ -98,258 +79,160 @@ class PipelineState:
     spawn: list[str] = field(default_factory=list)
     finished: bool = False
 
-    def merge(self, result: StepResult) -> None:
-        self.media = str(result.media) if result.media is not None else self.media
-        self.facts.update(result.facts)
-        self.artifacts.update({name: str(path) for name, path in result.artifacts.items()})
-        self.spawn.extend(str(path) for path in result.spawn)
-        self.finished = self.finished or result.finish
+    def merge(self, reply: StepReply) -> None:
+        self.media = reply.media if reply.media is not None else self.media
+        self.facts.update(reply.facts)
+        self.artifacts.update(reply.artifacts)
+        self.spawn.extend(reply.spawn)
+        self.finished = self.finished or reply.finish
 
 
 class JobRunner:
-    def __init__(self, settings: Settings, journal: Journal, steps: StepRegistry,
-                 gate: BackendGate, clock: Callable[[], float] = time.time) -> None:
-        self.settings = settings
+    def __init__(self, settings: Settings, journal: Journal, executor: LocalExecutor,
+                 gate: BackendGate, mover: Mover | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self.journal = journal
-        self.steps = steps
+        self.executor = executor
         self.gate = gate
         self.clock = clock
-        self.folders = {i.name: InboxFolders.of(i, settings.folders) for i in settings.inboxes}
+        self.mover = mover or Mover({})
+        self.configure(settings)
+        self.claims = ClaimStage(journal, self.mover)
+        self.finishes = FinishStage(journal, self.mover, sidecar)
         self.progress: dict[int, Progress] = {}
+
+    def configure(self, settings: Settings) -> None:
+        self.settings = settings
+        for inbox in settings.inboxes:
+            self.mover.folders[inbox.name] = InboxFolders.of(inbox, settings.folders)
+
+    @property
+    def folders(self) -> dict[str, InboxFolders]:
+        return self.mover.folders
 
     @property
     def work_root(self) -> Path:
         return self.settings.daemon.state_dir / "work"
 
-    def inbox(self, name: str) -> InboxSettings:
-        return self.settings.inbox(name)
+    def _workdir(self, job_id: int) -> Path:
+        return self.work_root / str(job_id)
 
     # --- the whole job ----------------------------------------------------------------------
 
-    async def run(self, job_id: int) -> Outcome:
-        job = self.journal.get(job_id)
+    async def run(self, job: Job) -> Outcome:
         log = get_logger(inbox=job.inbox, file=job.rel_path, job_id=job.id)
         if job.final_path is not None:
-            return await asyncio.to_thread(self._finalize_again, job, log)
-        self.progress[job_id] = progress = Progress()
+            return await self._finalize_again(job, log)
+        self.progress[job.id] = progress = Progress()
         try:
             return await self._run(job, progress, log)
         except asyncio.CancelledError:
-            await asyncio.shield(asyncio.to_thread(self._interrupt, job_id, log))
+            self._interrupt(job.id, log)
             raise
-        except Exception as exc:
-            log.exception("job_error", error=repr(exc))
-            return self._retry(self.journal.get(job_id), exc, error_info(
-                job, exc, classify_exception(exc), progress.step, self.clock()), progress.step, log)
         finally:
-            self.progress.pop(job_id, None)
+            self.progress.pop(job.id, None)
 
     async def _run(self, job: Job, progress: Progress, log: FilteringBoundLogger) -> Outcome:
         started = self.clock()
         try:
-            claimed = await asyncio.to_thread(self.claim, job, log)
+            claimed = await self.claims.claim(job)
             if claimed is None:
+                log.info("file_changed_while_queued")
                 return Outcome.CHANGED
-            job = self.journal.update(claimed.id, self.clock(), state=JobState.RUNNING,
-                                      started=claimed.started or started)
-            log.info("job_started", attempt=job.attempts + 1, step_index=job.step)
-            state = await self.run_steps(job, progress, log)
+            log.info("job_started", attempt=claimed.attempts + 1, step_index=claimed.step)
+            state = await self.run_steps(claimed, progress, log)
             progress.step = "publish"
-            await asyncio.to_thread(self.publish, job, state)
+            done = await self._publish(claimed, state)
         except Exception as exc:
-            return await asyncio.to_thread(self.handle_error, job, exc, progress.step, log)
-        done = await asyncio.to_thread(self.finish, job, JobState.DONE, None, log)
+            return await self.handle_error(job, exc, progress.step, log)
         self._count_done(done, state, self.clock() - started)
         return Outcome.DONE
 
-    # --- claim ------------------------------------------------------------------------------
+    async def _publish(self, job: Job, state: PipelineState) -> Job:
+        try:
+            return await self.finishes.finish(Ending(
+                job, JobState.DONE, None, state.artifacts, state.spawn, self._workdir(job.id)))
+        except Exception:
+            job = self.journal.get(job.id)
+            steps = len(self.settings.inbox(job.inbox).pipeline)
+            if job.step < steps and job.final_path is None:  # keep the work for the retry
+                await asyncio.to_thread(self._save_state, job, state)
+                self.journal.step_done(job, steps)
+            raise
 
-    def source(self, job: Job) -> Path:
-        if job.claimed_path is not None:
-            return Path(job.claimed_path)
-        return self.folders[job.inbox].inbox / job.rel_path
-
-    def claim(self, job: Job, log: FilteringBoundLogger) -> Job | None:
-        """Rename the file into processing/ (repeatable); None when it changed since it settled."""
-        folders = self.folders[job.inbox]
-        if job.claimed_path is not None:
-            claimed, original = Path(job.claimed_path), folders.inbox / job.rel_path
-            if not os.path.lexists(claimed) and os.path.lexists(original):
-                move(original, claimed)
-            return job
-        src = folders.inbox / job.rel_path
-        if (reason := describe_unprocessable(src)) is not None:
-            raise Permanent(reason, reason="input")
-        info = src.stat()
-        if (info.st_size, info.st_mtime_ns) != (job.size, job.mtime_ns):
-            log.info("file_changed_while_queued")
-            self.journal.update(job.id, self.clock(), state=JobState.SEEN)
-            return None
-        dest = unique_path(folders.processing, job.rel_path)
-        job = self.journal.update(job.id, self.clock(), claimed_path=str(dest))
-        move(src, dest)
-        remove_empty_parents(src, folders.inbox)
-        log.debug("claimed", processing=str(dest))
-        return job
+    async def finish_duplicate(self, job: Job) -> Job:
+        """A file whose content is done already: straight to done/, no steps."""
+        self.journal.take(job)
+        return await self.finishes.finish(Ending(job, JobState.DUPLICATE))
 
     # --- steps ------------------------------------------------------------------------------
 
     async def run_steps(self, job: Job, progress: Progress,
                         log: FilteringBoundLogger) -> PipelineState:
-        pipeline = self.inbox(job.inbox).pipeline
-        state = self._load_state(job)
-        for index in range(job.step, len(pipeline)):
+        """Run the steps not yet done. Each finished step is saved, then recorded; with one
+        step, only when its publish fails (a crash before then runs it again)."""
+        pipeline = self.settings.inbox(job.inbox).pipeline
+        checkpoints = len(pipeline) > 1
+        state = await asyncio.to_thread(self._load_state, job) if job.step else None
+        for index in range(job.step if state else 0, len(pipeline)):
+            state = state or PipelineState()
             if state.finished:
                 break
             spec = pipeline[index]
             progress.step, progress.fraction = step_label(spec), 0.0
-            result = await self._run_step(job, index, spec, state, progress, log)
-            state.merge(result)
-            await asyncio.to_thread(self._save_state, job, state)
-            job = self.journal.update(job.id, self.clock(), step=index + 1, attempts=0)
-        return state
+            state.merge(await self._run_step(job, index, spec, state, progress, log))
+            if checkpoints:
+                await asyncio.to_thread(self._save_state, job, state)
+                job = self.journal.step_done(job, index + 1)
+        return state or PipelineState()
 
     async def _run_step(self, job: Job, index: int, spec: StepSpec, state: PipelineState,
-                        progress: Progress, log: FilteringBoundLogger) -> StepResult:
+                        progress: Progress, log: FilteringBoundLogger) -> StepReply:
         label = step_label(spec)
-        step_log = log.bind(step=label)
-        ctx = self._context(job, index, label, state, progress, step_log)
-        started = time.monotonic()
-        step_log.info("step_started")
-        try:
-            async with asyncio.timeout(self.settings.daemon.step_timeout):
-                result = await self.steps.get(spec).run(ctx)
-        except TimeoutError as exc:
-            raise StepTimeout(f"{label} ran past step_timeout", reason="timeout") from exc
-        elapsed = time.monotonic() - started
-        metrics.STEP_DURATION.labels(step=label).observe(elapsed)
-        result.facts.setdefault("timings", {**state.facts.get("timings", {}), label: elapsed})
-        step_log.info("step_done", seconds=round(elapsed, 3))
-        return result
-
-    def _context(self, job: Job, index: int, label: str, state: PipelineState,
-                 progress: Progress, log: FilteringBoundLogger) -> StepContext:
-        workdir = self._job_dir(job.id) / f"{index}-{label}"
-        if workdir.exists():
-            shutil.rmtree(workdir)  # left by an attempt that did not finish
-        workdir.mkdir(parents=True)
-        source = Path(job.claimed_path or "")
-        daemon = self.settings.daemon
 
         def report(fraction: float) -> None:
             progress.fraction = max(0.0, min(1.0, fraction))
 
-        return StepContext(
-            job=JobInfo(job.id, job.inbox, job.rel_path, job.sha256 or "", job.size),
-            input=Path(state.media) if state.media else source, source=source,
-            workdir=workdir, facts=dict(state.facts),
-            artifacts={name: Path(p) for name, p in state.artifacts.items()},
-            settings=self.settings, formats=self.inbox(job.inbox).formats,
-            limits=ProcessLimits(daemon.step_timeout, daemon.stall_seconds,
-                                 daemon.memory_limit_mb),
-            log=log, progress=report,
-        )
+        request = build_request(
+            JobInfo(job.id, job.inbox, job.rel_path, job.sha256 or "", job.size),
+            step_index=index, step=spec, source=Path(job.claimed_path or ""),
+            media=state.media, facts=state.facts, artifacts=state.artifacts,
+            job_dir=self._workdir(job.id), needs_workdir=self.executor.needs_workdir(spec),
+            settings=self.settings)
+        reply = await self.executor.run(request, log=log.bind(step=label), progress=report)
+        if reply.error is not None:
+            raise reply.error.to_exception()
+        return reply
 
-    def _job_dir(self, job_id: int) -> Path:
-        return self.work_root / str(job_id)
-
-    def _load_state(self, job: Job) -> PipelineState:
-        path = self._job_dir(job.id) / "state.json"
-        if job.step == 0 or not path.exists():
-            return PipelineState()
+    def _load_state(self, job: Job) -> PipelineState | None:
+        """The checkpoint of the steps done; None (start over) when there is none."""
+        path = self._workdir(job.id) / "state.json"
+        if not path.exists():
+            return None
         return PipelineState(**json.loads(path.read_text()))
 
     def _save_state(self, job: Job, state: PipelineState) -> None:
-        write_atomic(self._job_dir(job.id) / "state.json",
+        write_atomic(self._workdir(job.id) / "state.json",
                      json.dumps(state.__dict__, sort_keys=True).encode())
-
-    # --- outputs ----------------------------------------------------------------------------
-
-    def publish(self, job: Job, state: PipelineState) -> None:
-        """Copy every artifact into outputs/ (and spawned files into the inbox), atomically.
-
-        Destinations are chosen once and kept in the journal, so a repeat after a crash
-        rewrites the same files instead of adding numbered copies.
-        """
-        plan = job.outputs
-        if plan is None:
-            plan = self._plan_outputs(job, state)
-            self.journal.update(job.id, self.clock(), outputs=plan)
-        sources = {**state.artifacts,
-                   **{SPAWN_PREFIX + str(i): p for i, p in enumerate(state.spawn)}}
-        for key, dest in plan.items():
-            copy_atomic(Path(sources[key]), Path(dest))
-
-    def _plan_outputs(self, job: Job, state: PipelineState) -> dict[str, str]:
-        folders = self.folders[job.inbox]
-        subdir = PurePosixPath(job.rel_path).parent
-        taken: set[Path] = set()
-        plan: dict[str, str] = {}
-        for name in sorted(state.artifacts):
-            dest = unique_path(folders.outputs, str(subdir / name), taken)
-            taken.add(dest)
-            plan[name] = str(dest)
-        for index, spawned in enumerate(state.spawn):
-            dest = unique_path(folders.inbox, str(subdir / Path(spawned).name), taken)
-            taken.add(dest)
-            plan[SPAWN_PREFIX + str(index)] = str(dest)
-        return plan
 
     # --- the end of a job -------------------------------------------------------------------
 
-    def finish(self, job: Job, outcome: JobState, error: dict[str, Any] | None,
-               log: FilteringBoundLogger) -> Job:
-        """Choose where the original goes, write that down, then move it there."""
-        final = self.destination(job, outcome)
-        job = self.journal.update(job.id, self.clock(), final_path=str(final), outcome=outcome,
-                                  error=error)
-        if outcome is JobState.FAILED:
-            self._withdraw_outputs(job)
-        return self.finalize(job, log)
-
-    def _withdraw_outputs(self, job: Job) -> None:
-        """A file that failed keeps no outputs: remove any that a cut-short publish wrote."""
-        for key, dest in (job.outputs or {}).items():
-            if not key.startswith(SPAWN_PREFIX):
-                Path(dest).unlink(missing_ok=True)
-
-    def destination(self, job: Job, outcome: JobState) -> Path:
-        folders = self.folders[job.inbox]
-        base = folders.failed if outcome is JobState.FAILED else folders.done
-        return unique_path(base, job.rel_path)
-
-    def finalize(self, job: Job, log: FilteringBoundLogger) -> Job:
-        """Complete a prepared move; safe to repeat at any point after a crash."""
-        assert job.final_path is not None and job.outcome is not None
-        outcome = JobState(job.outcome)
-        self.place_original(job, Path(job.final_path), outcome)
-        job = self.journal.update(job.id, self.clock(), state=outcome, finished=self.clock())
-        shutil.rmtree(self._job_dir(job.id), ignore_errors=True)
-        metrics.JOBS_COMPLETED.labels(inbox=job.inbox, outcome=outcome.value).inc()
-        log.info("job_" + outcome.value, moved_to=job.final_path)
-        return job
-
-    def place_original(self, job: Job, final: Path, outcome: JobState) -> None:
-        """Move the original to final (and its error sidecar beside it on failure)."""
-        if outcome is JobState.FAILED:
-            write_atomic(sidecar_path(final), sidecar(job))
-        src = self.source(job)
-        if os.path.lexists(src) and not os.path.lexists(final):
-            move(src, final)
-            folders = self.folders[job.inbox]
-            remove_empty_parents(src, folders.processing if job.claimed_path else folders.inbox)
-
-    def _finalize_again(self, job: Job, log: FilteringBoundLogger) -> Outcome:
+    async def _finalize_again(self, job: Job, log: FilteringBoundLogger) -> Outcome:
         """Complete a move prepared before a crash; if it fails again, try later."""
+        assert job.outcome is not None
         try:
-            return Outcome(self.finalize(job, log).state.value)
+            done = await self.finishes.finish(Ending(
+                job, JobState(job.outcome), job.error, workdir=self._workdir(job.id)))
         except OSError as exc:
-            delay = compute_backoff(job.attempts + 1, factor=self.settings.daemon.retry_backoff,
-                                    max_backoff=self.settings.daemon.retry_backoff_max)
-            self.journal.update(job.id, self.clock(), attempts=job.attempts + 1,
-                                not_before=self.clock() + delay)
-            log.error("finalize_failed", error=str(exc), retry_in=round(delay, 1))
-            return Outcome.RETRY
+            return self._postpone_final(job, exc, log)
+        return Outcome(done.state.value)
+
+    def _postpone_final(self, job: Job, exc: Exception, log: FilteringBoundLogger) -> Outcome:
+        delay = compute_backoff(job.attempts + 1, factor=self.settings.daemon.retry_backoff,
+                                max_backoff=self.settings.daemon.retry_backoff_max)
+        self.journal.retry(job, self.clock() + delay, lower_priority=False)
+        log.error("finalize_failed", error=str(exc), retry_in=round(delay, 1))
+        return Outcome.RETRY
 
     def _count_done(self, job: Job, state: PipelineState, seconds: float) -> None:
         metrics.JOB_DURATION.labels(inbox=job.inbox).observe(seconds)
@@ -361,21 +244,23 @@ class JobRunner:
 
     # --- failures ---------------------------------------------------------------------------
 
-    def handle_error(self, job: Job, exc: Exception, step: str,
-                     log: FilteringBoundLogger) -> Outcome:
+    async def handle_error(self, job: Job, exc: Exception, step: str,
+                           log: FilteringBoundLogger) -> Outcome:
         job = self.journal.get(job.id)
+        if job.final_path is not None:  # the end was written down; only its moves failed
+            return self._postpone_final(job, exc, log)
         category = classify_exception(exc)
         info = error_info(job, exc, category, step, self.clock())
-        if isinstance(exc, BackendFatal):
+        if isinstance(exc, BackendFatal) and job.state is JobState.RUNNING:
             self.gate.pause(exc.backend, info["message"])
-            self.journal.update(job.id, self.clock(), state=JobState.WAITING,
-                                waiting_on=exc.backend, error=info)
+            self.journal.hold(job, exc.backend, info)
             log.error("backend_paused", backend=exc.backend, step=step, error=info["message"])
             return Outcome.WAITING
         if category is Category.RETRY and job.attempts < self.settings.daemon.max_retries:
             return self._retry(job, exc, info, step, log)
         log.error("job_failed", step=step, category=category.value, error=info["message"])
-        self.finish(job, JobState.FAILED, info, log)
+        await self.finishes.finish(Ending(job, JobState.FAILED, info,
+                                          workdir=self._workdir(job.id)))
         return Outcome.FAILED
 
     def _retry(self, job: Job, exc: Exception, info: dict[str, Any], step: str,
@@ -385,19 +270,21 @@ class JobRunner:
         if delay is None:
             delay = compute_backoff(job.attempts + 1, factor=daemon.retry_backoff,
                                     max_backoff=daemon.retry_backoff_max)
-        self.journal.update(job.id, self.clock(), state=JobState.QUEUED,
-                            attempts=job.attempts + 1, not_before=self.clock() + delay,
-                            priority=job.priority + 1, error=info)
+        self.journal.retry(job, self.clock() + delay, info)
         metrics.JOB_RETRIES.labels(inbox=job.inbox, step=step, reason=info["reason"]).inc()
         log.warning("job_retry", step=step, reason=info["reason"], error=info["message"],
                     retry_in=round(delay, 1), attempt=job.attempts + 1)
         return Outcome.RETRY
 
     def _interrupt(self, job_id: int, log: FilteringBoundLogger) -> None:
-        job = self.journal.get(job_id)
-        if job.state is JobState.RUNNING:
-            self.journal.update(job_id, self.clock(), state=JobState.QUEUED)
+        if job_id in self.journal and self.journal.get(job_id).state is JobState.RUNNING:
+            job = self.journal.interrupt(self.journal.get(job_id))
             log.info("job_interrupted", step_index=job.step)
+
+    async def close(self) -> None:
+        await self.claims.close()
+        await self.finishes.close()
+        await self.executor.aclose()
 
 
 def error_info(job: Job, exc: BaseException, category: Category, step: str,

@@ -1,54 +1,45 @@
-"""The SQLite (WAL) job journal: one row per job, the truth about every file."""
+"""The job journal: a state machine whose live rows are kept in memory, written behind.
+
+Every change of a job is a named transition with a guard (the states it may start from);
+one that does not hold raises `TransitionError` instead of overwriting. Transitions update
+memory at once, on the caller's thread (the event loop), and queue their SQL for the one
+writer thread (`Store`), which commits in groups. A caller about to move a file first
+awaits `durable()`: the journal records a move before the move happens.
+
+Only live jobs (seen, queued, running, waiting) are held in memory; finished ones are rows
+on disk, counted by state, and read back only by the operations that need them (history
+reads run in a thread).
+"""
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import fcntl
+import itertools
 import json
 import os
 import sqlite3
-import threading
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Concatenate, ParamSpec, TextIO, TypeVar
+from typing import Any, TextIO
 
-from traxd.errors import AlreadyRunning, JournalError
+from traxd.errors import AlreadyRunning, TraxdError
+from traxd.readyset import Entry, ReadySet, order_key
+from traxd.store import (
+    DONE_FILES,
+    DONE_WITH_HASH,
+    FAILED_ROWS,
+    FINISHED_COUNTS,
+    LAST_ID,
+    LIVE_ROWS,
+    Store,
+)
 
-SCHEMA_VERSION = 1
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id INTEGER PRIMARY KEY,
-    inbox TEXT NOT NULL,
-    rel_path TEXT NOT NULL,
-    state TEXT NOT NULL,
-    size INTEGER NOT NULL DEFAULT 0,
-    mtime_ns INTEGER NOT NULL DEFAULT 0,
-    sha256 TEXT,
-    priority INTEGER NOT NULL DEFAULT 0,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    step INTEGER NOT NULL DEFAULT 0,
-    claimed_path TEXT,
-    final_path TEXT,
-    outcome TEXT,
-    outputs TEXT,
-    not_before REAL NOT NULL DEFAULT 0,
-    waiting_on TEXT,
-    error TEXT,
-    batch_id TEXT,
-    created REAL NOT NULL,
-    updated REAL NOT NULL,
-    started REAL,
-    finished REAL
-);
--- A file waiting in an inbox has at most one job; once claimed, its inbox name is free again.
-CREATE UNIQUE INDEX IF NOT EXISTS jobs_unclaimed_path ON jobs(inbox, rel_path)
-    WHERE claimed_path IS NULL AND state IN ('seen', 'queued', 'running', 'waiting');
-CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, priority, size);
-CREATE INDEX IF NOT EXISTS jobs_by_hash ON jobs(inbox, sha256) WHERE state = 'done';
-"""
+RECENT_WINDOW = 3600.0  # seconds of finish times kept for the rate in `traxd status`
 
 
 class JobState(str, Enum):
@@ -66,9 +57,40 @@ class JobState(str, Enum):
 
 
 ACTIVE = (JobState.SEEN, JobState.QUEUED, JobState.RUNNING, JobState.WAITING)
+S = JobState
 
 
 @dataclass(frozen=True)
+class Transition:
+    name: str
+    sources: frozenset[JobState]
+    target: JobState | None  # None: the state stays (or, for `finish`, is the job's outcome)
+
+
+def _t(name: str, sources: Iterable[JobState], target: JobState | None) -> Transition:
+    return Transition(name, frozenset(sources), target)
+
+
+# The life of a job, defined once.
+QUEUE = _t("queue", [S.SEEN], S.QUEUED)  # settled and hashed
+UNSETTLE = _t("unsettle", [S.QUEUED], S.SEEN)  # changed since it settled: watched again
+START = _t("start", [S.QUEUED], S.RUNNING)  # claimed into processing/
+STEP_DONE = _t("step_done", [S.RUNNING], None)
+PLAN_OUTPUTS = _t("plan_outputs", [S.RUNNING], None)
+DESTINE = _t("destine", ACTIVE, None)  # where the original goes, before it moves
+FINISH = _t("finish", ACTIVE, None)  # the move is done: the outcome becomes the state
+RETRY = _t("retry", [S.RUNNING, S.QUEUED], S.QUEUED)  # back-off, then again
+HOLD = _t("hold", [S.RUNNING], S.WAITING)  # its backend is paused
+RELEASE = _t("release", [S.WAITING], S.QUEUED)  # the backend was resumed
+INTERRUPT = _t("interrupt", [S.RUNNING], S.QUEUED)  # shutdown or crash: resumes later
+FORGET = _t("forget", [S.SEEN], None)  # vanished before it settled: no trace kept
+
+
+class TransitionError(TraxdError):
+    """A transition that does not hold for the job's current state."""
+
+
+@dataclass(frozen=True, slots=True)
 class Job:
     id: int
     inbox: str
@@ -93,6 +115,10 @@ class Job:
     started: float | None
     finished: float | None
 
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.inbox, self.rel_path)
+
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
         values = dict(row)
@@ -102,185 +128,246 @@ class Job:
         return cls(**values)
 
 
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-def _locked(method: Callable[Concatenate[Journal, P], R]) -> Callable[Concatenate[Journal, P], R]:
-    """Serialise use of the one connection by the loop and worker threads."""
-
-    def wrapper(self: Journal, /, *args: P.args, **kwargs: P.kwargs) -> R:
-        with self._lock:
-            return method(self, *args, **kwargs)
-
-    return wrapper
+Key = tuple[str, str]
 
 
 class Journal:
-    """All reads and writes of job rows; each write is its own durable transaction.
+    """The live jobs in memory, the truth on disk. Not thread-safe: use it from one thread
+    (the event loop); the history reads (`done_with_hash`, `failed`) may run in a thread."""
 
-    Safe to call from the loop and from worker threads (one lock around the connection).
-    """
-
-    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
-        self._conn = conn
-        self._lock = threading.RLock()
-        self.path = path
+    def __init__(self, store: Store, rows: Iterable[sqlite3.Row], finished: Counter[Key],
+                 last_id: int, clock: Callable[[], float]) -> None:
+        self.store = store
+        self.path = store.path
+        self.clock = clock
+        self._live: dict[int, Job] = {}
+        self._unclaimed: dict[Key, int] = {}
+        self._claiming: dict[Key, int] = {}
+        self._versions: dict[int, int] = {}  # queued job -> its current ready-set entry
+        self._version_seq = itertools.count(1)
+        self.counts: Counter[Key] = Counter(finished)  # (inbox, state value) -> jobs
+        self.recent: deque[tuple[float, str]] = deque()  # (finished, inbox) of done jobs
+        self.ready = ReadySet(self._is_current)
+        self._next_id = last_id + 1
+        for row in rows:
+            self._remember(Job.from_row(row), enqueue=True)
 
     @classmethod
-    def open(cls, path: Path) -> Journal:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            conn = sqlite3.connect(path, isolation_level=None, timeout=5.0,
-                                   check_same_thread=False)
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            _check(conn, path)
-            conn.executescript(_SCHEMA)
-            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        except sqlite3.DatabaseError as exc:
-            raise JournalError(
-                f"cannot use the journal {path}: {exc}. Nothing was changed; move the file "
-                "aside to start with an empty journal (files in the inboxes are found again)."
-            ) from exc
-        return cls(conn, path)
+    def open(cls, path: Path, clock: Callable[[], float] = time.time) -> Journal:
+        store = Store.open(path)
+        rows = store.read(LIVE_ROWS)
+        finished: Counter[Key] = Counter(
+            {(inbox, state): n for inbox, state, n in store.read(FINISHED_COUNTS)})
+        last = store.read(LAST_ID)[0][0] or 0
+        return cls(store, rows, finished, last, clock)
 
-    @_locked
     def close(self) -> None:
-        self._conn.close()
+        self.store.close()
 
-    # --- queries ----------------------------------------------------------------------------
+    async def durable(self) -> None:
+        await self.store.durable()
 
-    @_locked
+    def sync(self) -> None:
+        self.store.sync()
+
+    # --- live jobs (memory) -----------------------------------------------------------------
+
     def get(self, job_id: int) -> Job:
-        row = self._conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        if row is None:
-            raise KeyError(job_id)
-        return Job.from_row(row)
+        return self._live[job_id]
 
-    @_locked
-    def active(self, inbox: str, rel_path: str) -> Job | None:
-        """The unfinished job of a file still in the inbox (not yet claimed), if any."""
-        row = self._conn.execute(
-            "SELECT * FROM jobs WHERE inbox = ? AND rel_path = ? AND claimed_path IS NULL"
-            " AND state IN (?, ?, ?, ?)", (inbox, rel_path, *ACTIVE)).fetchone()
-        return Job.from_row(row) if row else None
+    def __contains__(self, job_id: int) -> bool:
+        return job_id in self._live
 
-    @_locked
+    def unclaimed(self, inbox: str, rel_path: str) -> Job | None:
+        """The live job of a file still in the inbox (not yet claimed), if any."""
+        job_id = self._unclaimed.get((inbox, rel_path))
+        return self._live[job_id] if job_id is not None else None
+
     def claiming(self, inbox: str, rel_path: str) -> Job | None:
-        """The unfinished job that chose a processing/ path for this inbox file, if any.
+        """The live job that chose a processing/ path for this inbox file and has not
+        finished; its rename may not have happened yet (the claim, repeated, completes it)."""
+        job_id = self._claiming.get((inbox, rel_path))
+        return self._live[job_id] if job_id is not None else None
 
-        Its rename may not have happened (a crash between the journal write and the move,
-        or a move that failed and waits for its retry); the claim, repeated, completes it.
-        """
-        row = self._conn.execute(
-            "SELECT * FROM jobs WHERE inbox = ? AND rel_path = ? AND claimed_path IS NOT NULL"
-            " AND final_path IS NULL AND state IN (?, ?, ?, ?) ORDER BY id DESC LIMIT 1",
-            (inbox, rel_path, *ACTIVE)).fetchone()
-        return Job.from_row(row) if row else None
+    def live(self, *states: JobState, inbox: str | None = None) -> list[Job]:
+        """Live jobs in these states (all live states when none are given), oldest first."""
+        wanted = set(states or ACTIVE)
+        return [j for j in self._live.values()
+                if j.state in wanted and (inbox is None or j.inbox == inbox)]
 
-    @_locked
-    def in_states(self, *states: JobState, inbox: str | None = None) -> list[Job]:
-        marks = ", ".join("?" * len(states))
-        sql = f"SELECT * FROM jobs WHERE state IN ({marks})"  # noqa: S608 - only placeholders
-        args: list[Any] = list(states)
-        if inbox is not None:
-            sql, args = sql + " AND inbox = ?", [*args, inbox]
-        return [Job.from_row(r) for r in self._conn.execute(sql + " ORDER BY id", args)]
+    def count(self, inbox: str, *states: JobState) -> int:
+        return sum(self.counts[(inbox, s.value)] for s in states)
 
-    @_locked
-    def ready(self, now: float, inboxes: Sequence[str]) -> list[Job]:
-        """Queued jobs due now in these inboxes: priority first, then the largest first."""
-        if not inboxes:
-            return []
-        marks = ", ".join("?" * len(inboxes))
-        rows = self._conn.execute(
-            f"SELECT * FROM jobs WHERE state = 'queued' AND not_before <= ? "  # noqa: S608
-            f"AND inbox IN ({marks}) ORDER BY priority, size DESC, id", (now, *inboxes))
-        return [Job.from_row(r) for r in rows]
+    def next_ready(self, inboxes: Collection[str]) -> Job | None:
+        """Take the next released job of these inboxes; it stays queued until it starts."""
+        entry = self.ready.pop(inboxes)
+        if entry is None:
+            return None
+        job = self._live[entry.job_id]
+        self.take(job)  # other entries of it are stale now
+        return job
 
-    @_locked
-    def done_with_hash(self, inbox: str, sha256: str) -> Job | None:
-        row = self._conn.execute(
-            "SELECT * FROM jobs WHERE inbox = ? AND sha256 = ? AND state = 'done' LIMIT 1",
-            (inbox, sha256)).fetchone()
-        return Job.from_row(row) if row else None
+    def take(self, job: Job) -> None:
+        """Someone other than the pool handles this queued job: the pool will not pick it."""
+        self._versions.pop(job.id, None)
 
-    @_locked
-    def counts(self, *states: JobState) -> dict[str, dict[str, int]]:
-        """{inbox: {state: count}}, over the given states (all when none are given)."""
-        result: dict[str, dict[str, int]] = {}
-        where = f"WHERE state IN ({', '.join('?' * len(states))})" if states else ""
-        for inbox, state, n in self._conn.execute(
-                f"SELECT inbox, state, COUNT(*) FROM jobs {where} "  # noqa: S608
-                "GROUP BY inbox, state", states):
-            result.setdefault(inbox, {})[state] = n
-        return result
+    def _is_current(self, entry: Entry) -> bool:
+        job = self._live.get(entry.job_id)
+        return (job is not None and job.state is S.QUEUED
+                and self._versions.get(entry.job_id) == entry.version)
 
-    @_locked
-    def finished_since(self, since: float) -> list[Job]:
-        rows = self._conn.execute(
-            "SELECT * FROM jobs WHERE finished >= ? AND state = 'done'", (since,))
-        return [Job.from_row(r) for r in rows]
+    # --- history (blocking reads: call them in a thread) ------------------------------------
+
+    def done_with_hash(self, inbox: str, sha256: str) -> int | None:
+        rows = self.store.read(DONE_WITH_HASH, (inbox, sha256))
+        return int(rows[0][0]) if rows else None
+
+    def failed(self) -> list[Job]:
+        return [Job.from_row(r) for r in self.store.read(FAILED_ROWS)]
+
+    def done_files(self) -> set[tuple[str, int, int]]:
+        """(rel_path, size, mtime_ns) of every file done (`traxd batch` resumes by it)."""
+        return {(r[0], r[1], r[2]) for r in self.store.read(DONE_FILES)}
 
     # --- transitions ------------------------------------------------------------------------
 
-    @_locked
-    def add_seen(self, inbox: str, rel_path: str, size: int, mtime_ns: int, priority: int,
-                 now: float) -> Job:
-        """The active job for this path, created in state seen when there is none."""
-        if (job := self.active(inbox, rel_path)) is not None:
+    def add_seen(self, inbox: str, rel_path: str, size: int, mtime_ns: int,
+                 priority: int) -> Job:
+        """The live unclaimed job for this path, created in state seen when there is none."""
+        if (job := self.unclaimed(inbox, rel_path)) is not None:
             return job
-        cur = self._conn.execute(
-            "INSERT INTO jobs (inbox, rel_path, state, size, mtime_ns, priority, created, updated)"
-            " VALUES (?, ?, 'seen', ?, ?, ?, ?, ?)",
-            (inbox, rel_path, size, mtime_ns, priority, now, now))
-        assert cur.lastrowid is not None
-        return self.get(cur.lastrowid)
+        now = self.clock()
+        job = Job(self._next_id, inbox, rel_path, S.SEEN, size, mtime_ns, None, priority, 0, 0,
+                  None, None, None, None, 0.0, None, None, None, now, now, None, None)
+        self._next_id += 1
+        self.store.write(
+            "INSERT INTO jobs (id, inbox, rel_path, state, size, mtime_ns, priority, created,"
+            " updated) VALUES (?, ?, ?, 'seen', ?, ?, ?, ?, ?)",
+            (job.id, inbox, rel_path, size, mtime_ns, priority, now, now))
+        self._remember(job, enqueue=False)
+        return job
 
-    @_locked
-    def update(self, /, job_id: int, now: float, **fields: Any) -> Job:
-        """Set columns of one job; dicts are stored as JSON, enums by value."""
-        fields["updated"] = now
-        columns = ", ".join(f"{name} = ?" for name in fields)
-        values = [_column_value(v) for v in fields.values()]
-        self._conn.execute(f"UPDATE jobs SET {columns} WHERE id = ?",  # noqa: S608
-                           (*values, job_id))
-        return self.get(job_id)
+    def forget(self, job: Job) -> None:
+        """A seen file vanished before it settled: no trace is kept."""
+        self._check(self._live.get(job.id), FORGET)
+        self.store.write("DELETE FROM jobs WHERE id = ?", (job.id,))
+        self._drop(self._live[job.id])
 
-    @_locked
-    def delete(self, job_id: int) -> None:
-        self._conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+    def remove_failed(self, job: Job) -> None:
+        """A failed file is taken back into its inbox (`traxd retry`): its row goes."""
+        self.store.write("DELETE FROM jobs WHERE id = ? AND state = 'failed'", (job.id,))
+        self.counts[(job.inbox, S.FAILED.value)] -= 1
 
-    @_locked
-    def requeue_interrupted(self, now: float) -> list[Job]:
-        """At start-up: jobs left running by a crash or shutdown go back to queued."""
-        with self.transaction():
-            jobs = self.in_states(JobState.RUNNING)
-            self._conn.execute(
-                "UPDATE jobs SET state = 'queued', updated = ? WHERE state = 'running'", (now,))
-        return jobs
+    def queue(self, job: Job, sha256: str | None, size: int, mtime_ns: int) -> Job:
+        return self._apply(QUEUE, job, sha256=sha256, size=size, mtime_ns=mtime_ns)
 
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+    def unsettle(self, job: Job) -> Job:
+        return self._apply(UNSETTLE, job)
 
-    @_locked
-    def writable(self) -> bool:
-        try:
-            self._conn.execute("BEGIN IMMEDIATE")
-            self._conn.execute("ROLLBACK")
-        except sqlite3.Error:
-            return False
-        return True
+    def start(self, job: Job, claimed_path: str, batch_id: str | None = None) -> Job:
+        return self._apply(START, job, claimed_path=claimed_path, batch_id=batch_id,
+                           started=job.started or self.clock())
+
+    def step_done(self, job: Job, steps: int) -> Job:
+        return self._apply(STEP_DONE, job, step=steps, attempts=0)
+
+    def plan_outputs(self, job: Job, outputs: dict[str, str]) -> Job:
+        return self._apply(PLAN_OUTPUTS, job, outputs=outputs)
+
+    def destine(self, job: Job, outcome: JobState, final_path: str,
+                error: dict[str, Any] | None) -> Job:
+        if not outcome.terminal:
+            raise TransitionError(f"job {job.id}: {outcome.value} is not an outcome")
+        return self._apply(DESTINE, job, outcome=outcome.value, final_path=final_path,
+                           error=error)
+
+    def finish(self, job: Job) -> Job:
+        current = self._check(self._live.get(job.id), FINISH)
+        if current.outcome is None or current.final_path is None:
+            raise TransitionError(f"job {job.id}: finish before its destination was written")
+        outcome = JobState(current.outcome)
+        done = self._apply(Transition("finish", FINISH.sources, outcome), job,
+                           finished=self.clock())
+        if outcome is S.DONE:
+            self.recent.append((self.clock(), job.inbox))
+        return done
+
+    def retry(self, job: Job, not_before: float, error: dict[str, Any] | None = None,
+              lower_priority: bool = True) -> Job:
+        current = self._live.get(job.id, job)
+        return self._apply(RETRY, job, attempts=current.attempts + 1, not_before=not_before,
+                           priority=current.priority + (1 if lower_priority else 0),
+                           error=error if error is not None else current.error)
+
+    def hold(self, job: Job, backend: str, error: dict[str, Any]) -> Job:
+        return self._apply(HOLD, job, waiting_on=backend, error=error)
+
+    def release(self, job: Job) -> Job:
+        return self._apply(RELEASE, job, waiting_on=None)
+
+    def interrupt(self, job: Job) -> Job:
+        return self._apply(INTERRUPT, job)
+
+    def interrupt_all(self) -> list[Job]:
+        """At start-up: jobs left running by a crash or a stop go back to queued."""
+        return [self.interrupt(job) for job in self.live(S.RUNNING)]
+
+    def release_all(self, inbox: str | None = None) -> list[Job]:
+        return [self.release(job) for job in self.live(S.WAITING, inbox=inbox)]
+
+    # --- the machinery ----------------------------------------------------------------------
+
+    def _check(self, job: Job | None, transition: Transition) -> Job:
+        if job is None:
+            raise TransitionError(f"{transition.name}: the job is not live")
+        if job.state not in transition.sources:
+            raise TransitionError(f"job {job.id}: cannot {transition.name} from "
+                                  f"{job.state.value}")
+        return job
+
+    def _apply(self, transition: Transition, job: Job, **changes: Any) -> Job:
+        current = self._check(self._live.get(job.id), transition)
+        state = transition.target or current.state
+        new = dataclasses.replace(current, state=state, updated=self.clock(), **changes)
+        columns = {"state": state, "updated": new.updated, **changes}
+        self.store.write(
+            f"UPDATE jobs SET {', '.join(f'{c} = ?' for c in columns)} WHERE id = ?",  # noqa: S608
+            (*(_column_value(v) for v in columns.values()), job.id))
+        requeued = transition.target is S.QUEUED
+        self._drop(current, keep_entry=state is current.state and not requeued)
+        if state.terminal:
+            self.counts[(new.inbox, state.value)] += 1
+            self._trim_recent()
+        else:
+            self._remember(new, enqueue=requeued)
+        return new
+
+    def _remember(self, job: Job, *, enqueue: bool) -> None:
+        self._live[job.id] = job
+        self.counts[(job.inbox, job.state.value)] += 1
+        if job.claimed_path is None:
+            self._unclaimed[job.key] = job.id
+        elif job.final_path is None:
+            self._claiming[job.key] = job.id
+        if enqueue and job.state is S.QUEUED:
+            version = self._versions[job.id] = next(self._version_seq)
+            self.ready.add(Entry(job.inbox, order_key(job.priority, job.size, job.id),
+                                 job.not_before, version))
+
+    def _drop(self, job: Job, *, keep_entry: bool = False) -> None:
+        del self._live[job.id]
+        self.counts[(job.inbox, job.state.value)] -= 1
+        if self._unclaimed.get(job.key) == job.id:
+            del self._unclaimed[job.key]
+        if self._claiming.get(job.key) == job.id:
+            del self._claiming[job.key]
+        if not keep_entry:
+            self._versions.pop(job.id, None)
+
+    def _trim_recent(self) -> None:
+        horizon = self.clock() - RECENT_WINDOW
+        while self.recent and self.recent[0][0] < horizon:
+            self.recent.popleft()
 
 
 def _column_value(value: Any) -> Any:
@@ -289,16 +376,6 @@ def _column_value(value: Any) -> Any:
     if isinstance(value, dict):
         return json.dumps(value, sort_keys=True)
     return value
-
-
-def _check(conn: sqlite3.Connection, path: Path) -> None:
-    result = conn.execute("PRAGMA quick_check").fetchone()
-    if result is None or result[0] != "ok":
-        raise JournalError(f"the journal {path} is damaged ({result[0] if result else '?'}); "
-                           "nothing was changed; move it aside to start afresh")
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version > SCHEMA_VERSION:
-        raise JournalError(f"the journal {path} was written by a newer traxd (schema {version})")
 
 
 class StateLock:

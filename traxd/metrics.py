@@ -64,6 +64,10 @@ RECONCILE_FOUND = Counter(
     "traxd_reconcile_found", "Files found by a reconcile scan that no event announced",
     ["inbox"], registry=REGISTRY)
 
+EVENT_LOOP_LAG = Histogram(
+    "traxd_event_loop_lag_seconds", "How much later than asked the event loop woke up",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=REGISTRY)
+
 
 def set_build_info() -> None:
     BUILD_INFO.info({"version": __version__})

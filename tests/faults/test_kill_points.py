@@ -33,7 +33,7 @@ from tests.helpers import (
     write_config,
 )
 from traxd.intake import sha256_file
-from traxd.journal import JobState, Journal
+from traxd.journal import Journal
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(400)]
 
@@ -176,10 +176,10 @@ def test_a_claim_cut_short_is_finished_by_its_own_job(tmp_path: Path, tally: Tal
     source.write_bytes(b"cut short")
     info = source.stat()
     journal = Journal.open(state / "journal.sqlite3")
-    job = journal.add_seen("main", "cut.mp3", info.st_size, info.st_mtime_ns, 5, time.time())
-    journal.update(job.id, time.time(), state=JobState.QUEUED, sha256=sha256_file(source),
-                   claimed_path=str(box.processing / "cut.mp3"), attempts=1,
-                   not_before=time.time() + 2.0)
+    job = journal.add_seen("main", "cut.mp3", info.st_size, info.st_mtime_ns, 5)
+    job = journal.queue(job, sha256_file(source), info.st_size, info.st_mtime_ns)
+    job = journal.start(job, str(box.processing / "cut.mp3"))
+    journal.retry(job, not_before=time.time() + 2.0)
     journal.close()
     tally.constructed.append("claim written, rename not done")
     tally.files_dropped += 1

@@ -106,7 +106,8 @@ def make_ctx(tmp_path: Path) -> ContextFactory:
 
     def build(source: Path, *, settings: Settings | None = None,
               facts: Mapping[str, Any] | None = None, formats: tuple[str, ...] = ("txt",),
-              limits: ProcessLimits | None = None) -> tuple[StepContext, Progress]:
+              limits: ProcessLimits | None = None,
+              step_settings: Mapping[str, Any] | None = None) -> tuple[StepContext, Progress]:
         number = next(counter)
         workdir = tmp_path / f"work-{number}"
         workdir.mkdir()
@@ -117,7 +118,8 @@ def make_ctx(tmp_path: Path) -> ContextFactory:
             job=job, input=source, source=source, workdir=workdir, facts=facts or {},
             artifacts={}, settings=base, formats=formats,
             limits=limits or ProcessLimits(timeout=120, stall_seconds=60, memory_limit_mb=4096),
-            log=get_logger(job_id=number, file=source.name), progress=progress.append)
+            log=get_logger(job_id=number, file=source.name), progress=progress.append,
+            step_settings=step_settings or {})
         return ctx, progress
 
     return build

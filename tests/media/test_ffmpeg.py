@@ -11,6 +11,7 @@ import pytest
 
 from traxd.config import Settings
 from traxd.errors import Permanent
+from traxd.executor import preprocess_settings
 from traxd.pipeline import ffmpeg as ffmpeg_module
 from traxd.pipeline.ffmpeg import (
     Chunk,
@@ -160,7 +161,8 @@ async def test_long_speech_is_split_in_pauses(media: Media, make_ctx: ContextFac
                                               tmp_path: Path) -> None:
     # Given ~20 s of speech with pauses and a 6 s chunk limit
     settings = settings_for(tmp_path, chunk_seconds=6.0)
-    ctx, progress = make_ctx(media.long_wav, settings=settings)
+    ctx, progress = make_ctx(media.long_wav, settings=settings,
+                             step_settings=preprocess_settings(settings, ["transcribe"]))
     # When it is preprocessed
     result = await PreprocessStep(settings).run(ctx)
     chunks = [Chunk.from_fact(c) for c in result.facts["chunks"]]
@@ -184,7 +186,8 @@ async def test_openai_chunks_are_small_16k_mono_mp3(media: Media, make_ctx: Cont
                                                     tmp_path: Path) -> None:
     # Given the openai backend, which uploads compressed audio
     settings = settings_for(tmp_path, backend="openai", chunk_seconds=8.0)
-    ctx, _ = make_ctx(media.long_wav, settings=settings)
+    ctx, _ = make_ctx(media.long_wav, settings=settings,
+                      step_settings=preprocess_settings(settings, ["transcribe"]))
     # When the long file is preprocessed
     result = await PreprocessStep(settings).run(ctx)
     chunks = [Chunk.from_fact(c) for c in result.facts["chunks"]]

@@ -10,6 +10,7 @@ import pytest
 
 from traxd.config import Settings
 from traxd.errors import BackendFatal, Permanent, Retry
+from traxd.executor import preprocess_settings
 from traxd.metrics import REGISTRY
 from traxd.pipeline.ffmpeg import PreprocessStep
 from traxd.pipeline.formats import Segment, Transcript
@@ -44,7 +45,8 @@ async def test_chunks_are_uploaded_and_timestamps_shifted(
         tmp_path: Path) -> None:
     # Given ~20 s of speech preprocessed into 8 s chunks for the openai backend
     settings = openai_settings(tmp_path, server, api_key)
-    ctx, _ = make_ctx(media.long_wav, settings=settings, formats=("json", "srt"))
+    ctx, _ = make_ctx(media.long_wav, settings=settings, formats=("json", "srt"),
+                      step_settings=preprocess_settings(settings, ["transcribe"]))
     prepared = await PreprocessStep(settings).run(ctx)
     offsets = [c["offset"] for c in prepared.facts["chunks"]]
     ctx, progress = make_ctx(media.long_wav, settings=settings, facts=prepared.facts,

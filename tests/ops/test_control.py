@@ -41,7 +41,7 @@ class FakeDaemon:
         self.calls.append(("drain", inbox))
         return {"draining": self._names(inbox)}
 
-    def retry(self, names: list[str] | None) -> dict[str, Any]:
+    async def retry(self, names: list[str] | None) -> dict[str, Any]:
         self.calls.append(("retry", names))
         if names == ["boom"]:
             raise RuntimeError("disk on fire")

@@ -88,7 +88,7 @@ class StatusHandler:
     def drain(self, inbox: str | None) -> dict[str, Any]:
         return {}
 
-    def retry(self, names: list[str] | None) -> dict[str, Any]:
+    async def retry(self, names: list[str] | None) -> dict[str, Any]:
         return {}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,12 +33,16 @@ class JobInfo:
         return Path(self.name).name
 
 
+# The workdir of a step that declares `needs_workdir = False`: anything written here fails.
+NO_WORKDIR = Path(os.devnull) / "no-workdir"
+
+
 @dataclass(frozen=True)
 class StepContext:
     job: JobInfo
     input: Path  # the media this step works on: the original, or an earlier step's `media`
     source: Path  # the original file, claimed into processing/
-    workdir: Path  # an empty folder of this step's own; whatever the step keeps goes here
+    workdir: Path  # an empty folder of this step's own (NO_WORKDIR when it asked for none)
     facts: Mapping[str, Any]  # JSON-able facts from earlier steps (duration, language, ...)
     artifacts: Mapping[str, Path]  # outputs of earlier steps: output file name -> file
     settings: Settings
@@ -45,6 +50,9 @@ class StepContext:
     limits: ProcessLimits  # for every child process the step starts
     log: FilteringBoundLogger
     progress: Callable[[float], None]  # fraction done, 0..1
+    # This step's own settings from its request, JSON-able (e.g. preprocess: chunk_format,
+    # chunk_seconds), decided by the daemon from the pipeline.
+    step_settings: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -60,7 +68,11 @@ class StepResult:
 
 
 class Step(Protocol):
-    """One stage of a pipeline. Built once per daemon and shared by all jobs."""
+    """One stage of a pipeline. Built once per daemon and shared by all jobs.
+
+    A step may say `needs_workdir = False` (an in-process step that writes nothing): it then
+    gets no folder. Without the attribute it gets one.
+    """
 
     name: str
 
@@ -71,3 +83,8 @@ class Step(Protocol):
     async def aclose(self) -> None:
         """Release what the step holds (model processes, HTTP clients)."""
         ...
+
+
+def needs_workdir(step: object) -> bool:
+    """Whether `step` wants a work folder of its own (True unless it says otherwise)."""
+    return bool(getattr(step, "needs_workdir", True))

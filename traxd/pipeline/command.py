@@ -31,6 +31,8 @@ def render_argv(template: tuple[str, ...], values: dict[str, str]) -> list[str]:
 class CommandStep:
     """Runs argv per file; files the program writes into {output_dir} become outputs."""
 
+    needs_workdir = True
+
     def __init__(self, template: tuple[str, ...]) -> None:
         self.template = template
         self.name = "command:" + Path(template[0]).name

@@ -119,6 +119,7 @@ class EnhanceStep:
     """Chat completions over the transcript's text, guarded, into `<stem>.enhanced.md`."""
 
     name = "enhance"
+    needs_workdir = True
 
     def __init__(self, settings: Settings) -> None:
         self.settings: EnhanceSettings = settings.enhance

@@ -93,6 +93,34 @@ class AudioFormat:
 
 WAV = AudioFormat(".wav", {"acodec": "pcm_s16le"}, SAMPLE_RATE * 16)
 MP3 = AudioFormat(".mp3", {"acodec": "libmp3lame", "audio_bitrate": "32k"}, 32_000)
+CHUNK_FORMATS = {"wav": WAV, "mp3": MP3}
+DEFAULT_CHUNK_SECONDS = 600.0
+
+
+@dataclass(frozen=True)
+class ChunkTarget:
+    """The chunks a transcriber takes: their format, and their longest length (None: whole)."""
+
+    format: AudioFormat = WAV
+    seconds: float | None = DEFAULT_CHUNK_SECONDS
+
+    def to_settings(self) -> dict[str, Any]:
+        return {"chunk_format": self.format.suffix.lstrip("."), "chunk_seconds": self.seconds}
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> ChunkTarget:
+        name = settings.get("chunk_format", "wav")
+        if name not in CHUNK_FORMATS:
+            raise ValueError(f"chunk_format must be one of {sorted(CHUNK_FORMATS)}, not {name!r}")
+        seconds = settings.get("chunk_seconds", DEFAULT_CHUNK_SECONDS)
+        return cls(CHUNK_FORMATS[name], None if seconds is None else float(seconds))
+
+
+def chunk_target(backend: str, chunk_seconds: float) -> ChunkTarget:
+    """What a transcription backend takes: mp3 under the upload limit for openai, else wav."""
+    if backend == "openai":
+        return ChunkTarget(MP3, min(chunk_seconds, MP3.max_upload_seconds))
+    return ChunkTarget(WAV, chunk_seconds)
 
 
 @dataclass(frozen=True)
@@ -379,67 +407,70 @@ def _pause_in(silences: Sequence[tuple[float, float]], lo: float, hi: float) -> 
     return max(overlaps)[1] if overlaps else None
 
 
-@dataclass(frozen=True)
-class Preprocessor:
-    """Turns any media into 16 kHz mono audio and the chunks a transcriber sends."""
+async def prepare_audio(ctx: StepContext, folder: Path, tools: Tools,
+                        target: ChunkTarget) -> Prepared:
+    """Any media -> 16 kHz mono wav in `folder`, cut into the chunks `target` asks for."""
+    info = await probe(ctx.input, tools, ctx.limits)
+    audio = folder / "audio.wav"
+    parser = ProgressParser(info.duration, ctx.progress, 0.0, 0.8)
+    await convert(ctx.input, audio, WAV, tools, ctx.limits, progress=parser)
+    duration = wav_duration(audio)
+    if duration < MIN_DURATION:
+        raise Permanent(f"{ctx.input.name} holds no audio samples", reason="empty")
+    chunks = await _split(audio, duration, target, tools, ctx, folder)
+    ctx.progress(1.0)
+    ctx.log.info("preprocessed", duration=round(duration, 3), chunks=len(chunks),
+                 source_format=info.format_name, codec=info.audio[0].codec)
+    return Prepared(audio, duration, chunks, info)
 
-    tools: Tools
-    settings: Settings
 
-    def target(self) -> tuple[AudioFormat, float]:
-        chunk = self.settings.transcribe.chunk_seconds
-        if self.settings.transcribe.backend == "openai":
-            return MP3, min(chunk, MP3.max_upload_seconds)
-        return WAV, chunk
+async def _split(audio: Path, duration: float, target: ChunkTarget, tools: Tools,
+                 ctx: StepContext, folder: Path) -> tuple[Chunk, ...]:
+    limit = duration if target.seconds is None else target.seconds
+    if duration <= limit and target.format is WAV:
+        return (Chunk(audio, 0.0, duration),)
+    silences = (await detect_silences(audio, tools, ctx.limits, duration, folder)
+                if duration > limit else [])
+    bounds = [0.0, *plan_cuts(duration, limit, silences), duration]
+    chunks = []
+    for index, (start, end) in enumerate(itertools.pairwise(bounds)):
+        path = folder / f"chunk-{index:03d}{target.format.suffix}"
+        await convert(audio, path, target.format, tools, ctx.limits, start=start,
+                      duration=end - start)
+        chunks.append(Chunk(path, start, end - start))
+        ctx.progress(0.8 + 0.2 * end / duration)
+    return tuple(chunks)
 
-    async def prepare(self, ctx: StepContext, folder: Path) -> Prepared:
-        info = await probe(ctx.input, self.tools, ctx.limits)
-        audio = folder / "audio.wav"
-        parser = ProgressParser(info.duration, ctx.progress, 0.0, 0.8)
-        await convert(ctx.input, audio, WAV, self.tools, ctx.limits, progress=parser)
-        duration = wav_duration(audio)
-        if duration < MIN_DURATION:
-            raise Permanent(f"{ctx.input.name} holds no audio samples", reason="empty")
-        fmt, limit = self.target()
-        chunks = await self._split(audio, duration, fmt, limit, ctx, folder)
-        ctx.progress(1.0)
-        ctx.log.info("preprocessed", duration=round(duration, 3), chunks=len(chunks),
-                     source_format=info.format_name, codec=info.audio[0].codec)
-        return Prepared(audio, duration, chunks, info)
 
-    async def _split(self, audio: Path, duration: float, fmt: AudioFormat, limit: float,
-                     ctx: StepContext, folder: Path) -> tuple[Chunk, ...]:
-        if duration <= limit and fmt is WAV:
-            return (Chunk(audio, 0.0, duration),)
-        silences = (await detect_silences(audio, self.tools, ctx.limits, duration, folder)
-                    if duration > limit else [])
-        bounds = [0.0, *plan_cuts(duration, limit, silences), duration]
-        chunks = []
-        for index, (start, end) in enumerate(itertools.pairwise(bounds)):
-            path = folder / f"chunk-{index:03d}{fmt.suffix}"
-            await convert(audio, path, fmt, self.tools, ctx.limits, start=start,
-                          duration=end - start)
-            chunks.append(Chunk(path, start, end - start))
-            ctx.progress(0.8 + 0.2 * end / duration)
-        return tuple(chunks)
+class LazyTools:
+    """Finds the ffmpeg binaries on first use, then keeps them."""
+
+    def __init__(self) -> None:
+        self._tools: Tools | None = None
+
+    def get(self) -> Tools:
+        if self._tools is None:
+            self._tools = find_tools()
+        return self._tools
 
 
 class PreprocessStep:
-    """Probe, convert to 16 kHz mono, split long files at pauses."""
+    """Probe, convert to 16 kHz mono, split long files at pauses.
+
+    The chunk format and length come from the step's own settings (ChunkTarget), which the
+    daemon derives from the transcription that follows in the pipeline.
+    """
 
     name = "preprocess"
+    needs_workdir = True
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._tools: Tools | None = None
-
-    def preprocessor(self) -> Preprocessor:
-        if self._tools is None:
-            self._tools = find_tools()
-        return Preprocessor(self._tools, self.settings)
+        self.tools = LazyTools()
 
     async def run(self, ctx: StepContext) -> StepResult:
-        prepared = await self.preprocessor().prepare(ctx, ctx.workdir)
+        target = ChunkTarget.from_settings(ctx.step_settings)
+        prepared = await prepare_audio(ctx, ctx.workdir, self.tools.get(), target)
         return StepResult(media=prepared.audio, facts=prepared.facts())
 
     async def aclose(self) -> None:

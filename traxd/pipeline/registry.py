@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Sequence
+from typing import Any
 
 from traxd.config import Settings, StepSpec
-from traxd.pipeline.base import Step
+from traxd.pipeline.base import Step, needs_workdir
 from traxd.pipeline.command import CommandStep
 
 # step name -> (module, class); imported when first used, so an unused step costs nothing.
@@ -31,6 +32,12 @@ def backend_of(spec: StepSpec, settings: Settings) -> str | None:
     return None
 
 
+def _builtin_class(name: str) -> type[Any]:
+    module_name, class_name = BUILTIN_STEPS[name]
+    step_class: type[Any] = getattr(importlib.import_module(module_name), class_name)
+    return step_class
+
+
 class StepRegistry:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -45,12 +52,18 @@ class StepRegistry:
             self._steps[spec] = self._build(spec)
         return self._steps[spec]
 
+    def needs_workdir(self, spec: StepSpec) -> bool:
+        """Whether the step for `spec` wants a work folder; asks its class, builds nothing."""
+        if spec in self._steps:
+            return needs_workdir(self._steps[spec])
+        if isinstance(spec, tuple):
+            return needs_workdir(CommandStep)
+        return spec not in BUILTIN_STEPS or needs_workdir(_builtin_class(spec))
+
     def _build(self, spec: StepSpec) -> Step:
         if isinstance(spec, tuple):
             return CommandStep(spec)
-        module_name, class_name = BUILTIN_STEPS[spec]
-        step_class = getattr(importlib.import_module(module_name), class_name)
-        step: Step = step_class(self.settings)
+        step: Step = _builtin_class(spec)(self.settings)
         return step
 
     def backends(self, pipeline: Sequence[StepSpec]) -> set[str]:

@@ -21,7 +21,14 @@ from traxd.config import Settings, TranscribeSettings
 from traxd.errors import BackendFatal, Permanent
 from traxd.logs import get_logger
 from traxd.pipeline.base import StepContext, StepResult
-from traxd.pipeline.ffmpeg import MP3, UPLOAD_LIMIT_BYTES, WAV, Chunk, PreprocessStep
+from traxd.pipeline.ffmpeg import (
+    UPLOAD_LIMIT_BYTES,
+    Chunk,
+    ChunkTarget,
+    LazyTools,
+    chunk_target,
+    prepare_audio,
+)
 from traxd.pipeline.formats import (
     Segment,
     SourceInfo,
@@ -242,11 +249,17 @@ class TranscribeStep:
     """Transcribe the chunks preprocess made (or make them), merge, write the formats."""
 
     name = "transcribe"
+    needs_workdir = True
 
     def __init__(self, settings: Settings, backend: Backend | None = None) -> None:
         self.settings = settings
         self.backend = backend or make_backend(settings.transcribe)
-        self._preprocess = PreprocessStep(settings)
+        self.tools = LazyTools()
+
+    @property
+    def target(self) -> ChunkTarget:
+        """The chunks this step's backend takes."""
+        return chunk_target(self.backend.name, self.settings.transcribe.chunk_seconds)
 
     async def run(self, ctx: StepContext) -> StepResult:
         started = time.monotonic()
@@ -261,15 +274,17 @@ class TranscribeStep:
         return self._publish(ctx, transcript, time.monotonic() - started)
 
     async def _chunks(self, ctx: StepContext) -> tuple[list[Chunk], float, float]:
-        """Chunks from the facts of preprocess, or made here; the progress used so far."""
-        wanted = MP3.suffix if self.backend.name == "openai" else WAV.suffix
+        """Chunks from the facts of preprocess when they suit the backend, else made here
+        (no preprocess step before this one); the share of progress used so far."""
+        target = self.target
         chunks = [Chunk.from_fact(f) for f in ctx.facts.get("chunks") or ()]
-        if chunks and all(c.path.suffix == wanted and c.path.is_file() for c in chunks):
+        if chunks and all(c.path.suffix == target.format.suffix and c.path.is_file()
+                          for c in chunks):
             return chunks, float(ctx.facts["duration"]), 0.0
         folder = ctx.workdir / "audio"
         folder.mkdir(exist_ok=True)
         sub = dataclasses.replace(ctx, progress=_scaled(ctx.progress, PREPARE_SHARE))
-        prepared = await self._preprocess.preprocessor().prepare(sub, folder)
+        prepared = await prepare_audio(sub, folder, self.tools.get(), target)
         return list(prepared.chunks), prepared.duration, PREPARE_SHARE
 
     async def _transcribe_all(self, chunks: Sequence[Chunk], progress: ChunkProgress,

@@ -92,6 +92,7 @@ class DownloadStep:
     """Links in, media out; other files pass through untouched."""
 
     name = "download"
+    needs_workdir = True
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

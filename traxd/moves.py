@@ -1,0 +1,224 @@
+"""The folder side of claiming and finishing jobs, a batch at a time (run in a thread).
+
+Each function takes a batch and does its file-system work with one fsync per folder at the
+end. Names are chosen here (`plan_*`) and written to the journal by the caller before the
+moves (`claim`, `publish`, `place`) happen.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from traxd.errors import Permanent
+from traxd.folders import (
+    InboxFolders,
+    copy_atomic,
+    describe_unprocessable,
+    fsync_dirs,
+    move,
+    remove_empty_parents,
+    sidecar_path,
+    unique_path,
+    write_atomic,
+)
+from traxd.journal import Job, JobState
+
+SPAWN_PREFIX = "spawn:"
+
+
+@dataclass(frozen=True)
+class ClaimPlan:
+    job: Job
+    dest: Path | None = None  # where in processing/ the file goes
+    changed: bool = False  # size or mtime differ from what settled: watch it again
+    problem: Exception | None = None
+
+
+@dataclass(frozen=True)
+class Ending:
+    """A job to finish: its outcome, and for a job done, what it publishes."""
+
+    job: Job
+    outcome: JobState
+    error: dict[str, object] | None = None
+    artifacts: Mapping[str, str] = field(default_factory=dict)  # name -> file in the workdir
+    spawn: Sequence[str] = ()  # files to drop into the inbox as new jobs
+    workdir: Path | None = None  # removed when the job is finished
+
+    def sources(self) -> dict[str, str]:
+        return {**self.artifacts, **{SPAWN_PREFIX + str(i): p for i, p in enumerate(self.spawn)}}
+
+
+class Mover:
+    """Claims into processing/, publishes into outputs/, moves into done/ or failed/."""
+
+    def __init__(self, folders: dict[str, InboxFolders]) -> None:
+        self.folders = folders
+
+    # --- claim ------------------------------------------------------------------------------
+
+    def plan_claims(self, jobs: Sequence[Job]) -> list[ClaimPlan]:
+        taken: set[Path] = set()
+        plans = []
+        for job in jobs:
+            plan = self._plan_claim(job, taken)
+            if plan.dest is not None:
+                taken.add(plan.dest)
+            plans.append(plan)
+        return plans
+
+    def _plan_claim(self, job: Job, taken: set[Path]) -> ClaimPlan:
+        folders = self.folders[job.inbox]
+        if job.claimed_path is not None:
+            return ClaimPlan(job, Path(job.claimed_path))
+        src = folders.inbox / job.rel_path
+        if (reason := describe_unprocessable(src)) is not None:
+            return ClaimPlan(job, problem=Permanent(reason, reason="input"))
+        try:
+            info = src.stat()
+        except OSError as exc:
+            return ClaimPlan(job, problem=exc)
+        if (info.st_size, info.st_mtime_ns) != (job.size, job.mtime_ns):
+            return ClaimPlan(job, changed=True)
+        return ClaimPlan(job, unique_path(folders.processing, job.rel_path, taken))
+
+    def claim(self, plans: Sequence[ClaimPlan]) -> list[Exception | None]:
+        """Rename each file into processing/ (a repeat completes a claim cut short)."""
+        synced: set[Path] = set()
+        errors: list[Exception | None] = []
+        for plan in plans:
+            assert plan.dest is not None
+            src = self.folders[plan.job.inbox].inbox / plan.job.rel_path
+            try:
+                if not os.path.lexists(plan.dest) and os.path.lexists(src):
+                    move(src, plan.dest, synced)
+                errors.append(None)
+            except OSError as exc:
+                errors.append(exc)
+        fsync_dirs(synced)
+        for plan in plans:
+            remove_empty_parents(self.folders[plan.job.inbox].inbox / plan.job.rel_path,
+                                 self.folders[plan.job.inbox].inbox)
+        return errors
+
+    # --- publish ----------------------------------------------------------------------------
+
+    def plan_outputs(self, endings: Sequence[Ending]) -> list[dict[str, str]]:
+        """Destinations of every output, unique across the batch and the folders."""
+        taken: set[Path] = set()
+        return [self._plan_outputs(ending, taken) for ending in endings]
+
+    def _plan_outputs(self, ending: Ending, taken: set[Path]) -> dict[str, str]:
+        folders = self.folders[ending.job.inbox]
+        subdir = PurePosixPath(ending.job.rel_path).parent
+        plan: dict[str, str] = {}
+        for key in sorted(ending.artifacts):
+            plan[key] = str(self._take(folders.outputs, str(subdir / key), taken))
+        for index, spawned in enumerate(ending.spawn):
+            dest = self._take(folders.inbox, str(subdir / Path(spawned).name), taken)
+            plan[SPAWN_PREFIX + str(index)] = str(dest)
+        return plan
+
+    @staticmethod
+    def _take(folder: Path, rel: str, taken: set[Path]) -> Path:
+        dest = unique_path(folder, rel, taken)
+        taken.add(dest)
+        return dest
+
+    def publish(self, endings: Sequence[Ending]) -> list[Exception | None]:
+        """Copy each job's outputs to the destinations its journal row names."""
+        synced: set[Path] = set()
+        errors: list[Exception | None] = []
+        for ending in endings:
+            try:
+                sources = ending.sources()
+                for key, dest in (ending.job.outputs or {}).items():
+                    copy_atomic(Path(sources[key]), Path(dest), synced)
+                errors.append(None)
+            except (OSError, KeyError) as exc:
+                errors.append(exc)
+        fsync_dirs(synced)
+        return errors
+
+    # --- the original -----------------------------------------------------------------------
+
+    def plan_finals(self, endings: Sequence[Ending]) -> list[Path]:
+        taken: set[Path] = set()
+        finals = []
+        for ending in endings:
+            folders = self.folders[ending.job.inbox]
+            base = folders.failed if ending.outcome is JobState.FAILED else folders.done
+            finals.append(self._take(base, ending.job.rel_path, taken))
+        return finals
+
+    def place(self, endings: Sequence[Ending], sidecars: Sequence[bytes | None]
+              ) -> list[Exception | None]:
+        """Move each original to its final path (a failure's sidecar beside it)."""
+        synced: set[Path] = set()
+        errors: list[Exception | None] = []
+        emptied: list[tuple[Path, Path]] = []
+        for ending, sidecar in zip(endings, sidecars, strict=True):
+            try:
+                emptied += self._place(ending.job, sidecar, synced)
+                errors.append(None)
+            except OSError as exc:
+                errors.append(exc)
+        fsync_dirs(synced)
+        for path, stop in emptied:
+            remove_empty_parents(path, stop)
+        for ending in endings:
+            if ending.workdir is not None:
+                shutil.rmtree(ending.workdir, ignore_errors=True)
+        return errors
+
+    def _place(self, job: Job, sidecar: bytes | None, synced: set[Path]
+               ) -> list[tuple[Path, Path]]:
+        assert job.final_path is not None
+        final = Path(job.final_path)
+        if job.outcome == JobState.FAILED.value:
+            self.withdraw_outputs(job)
+            write_atomic(sidecar_path(final), sidecar or b"{}\n", synced)
+        src = self.source(job)
+        if os.path.lexists(src) and not os.path.lexists(final):
+            move(src, final, synced)
+            folders = self.folders[job.inbox]
+            return [(src, folders.processing if job.claimed_path else folders.inbox)]
+        return []
+
+    def source(self, job: Job) -> Path:
+        if job.claimed_path is not None:
+            return Path(job.claimed_path)
+        return self.folders[job.inbox].inbox / job.rel_path
+
+    @staticmethod
+    def withdraw_outputs(job: Job) -> None:
+        """A file that failed keeps no outputs: remove those this job's plan names."""
+        for key, dest in (job.outputs or {}).items():
+            if not key.startswith(SPAWN_PREFIX):
+                Path(dest).unlink(missing_ok=True)
+
+
+class InPlaceMover(Mover):
+    """`traxd batch`: originals stay where they are; no claim, no final move."""
+
+    def _plan_claim(self, job: Job, taken: set[Path]) -> ClaimPlan:
+        path = self.folders[job.inbox].inbox / job.rel_path
+        if (reason := describe_unprocessable(path)) is not None:
+            return ClaimPlan(job, problem=Permanent(reason, reason="input"))
+        return ClaimPlan(job, path)
+
+    def claim(self, plans: Sequence[ClaimPlan]) -> list[Exception | None]:
+        return [None] * len(plans)
+
+    def plan_finals(self, endings: Sequence[Ending]) -> list[Path]:
+        return [self.folders[e.job.inbox].inbox / e.job.rel_path for e in endings]
+
+    def _place(self, job: Job, sidecar: bytes | None, synced: set[Path]
+               ) -> list[tuple[Path, Path]]:
+        if job.outcome == JobState.FAILED.value:
+            self.withdraw_outputs(job)
+        return []

@@ -1,0 +1,80 @@
+"""The one queue: queued jobs in the order they run (inbox priority, then largest first).
+
+Jobs the journal queues wait in `fresh` until the batch tick releases them; jobs with a
+back-off wait in `deferred` until due. Released jobs sit in one heap per inbox, and `pop`
+takes the best head among the inboxes open now. Entries are never searched for: a job that
+left the queued state is skipped when it surfaces (`is_current` says whether it still is).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+
+OrderKey = tuple[int, int, int]  # (priority, -size, id): defined here once
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    inbox: str
+    key: OrderKey
+    not_before: float
+    version: int  # which time the job was queued: an older entry of the same job is stale
+
+    @property
+    def job_id(self) -> int:
+        return self.key[2]
+
+
+def order_key(priority: int, size: int, job_id: int) -> OrderKey:
+    """Lower priority value first, then the largest file first (LPT), then the oldest."""
+    return (priority, -size, job_id)
+
+
+class ReadySet:
+    def __init__(self, is_current: Callable[[Entry], bool]) -> None:
+        self._is_current = is_current
+        self._fresh: list[Entry] = []
+        self._deferred: list[tuple[float, int, Entry]] = []
+        self._heaps: dict[str, list[tuple[OrderKey, Entry]]] = {}
+
+    def add(self, entry: Entry) -> None:
+        """A job became queued; it runs after the next release."""
+        self._fresh.append(entry)
+
+    def release(self, now: float) -> list[Entry]:
+        """Make fresh and due deferred jobs available to `pop`; returns those released."""
+        released: list[Entry] = []
+        fresh, self._fresh = self._fresh, []
+        for entry in fresh:
+            if entry.not_before > now:
+                heapq.heappush(self._deferred, (entry.not_before, entry.job_id, entry))
+            elif self._is_current(entry):
+                released.append(entry)
+        while self._deferred and self._deferred[0][0] <= now:
+            entry = heapq.heappop(self._deferred)[2]
+            if self._is_current(entry):
+                released.append(entry)
+        for entry in released:
+            heapq.heappush(self._heaps.setdefault(entry.inbox, []), (entry.key, entry))
+        return released
+
+    def pop(self, inboxes: Collection[str]) -> Entry | None:
+        """The next job to run among these inboxes, or None."""
+        best: list[tuple[OrderKey, Entry]] | None = None
+        for name in inboxes:
+            heap = self._heaps.get(name)
+            while heap and not self._is_current(heap[0][1]):
+                heapq.heappop(heap)
+            if heap and (best is None or heap[0][0] < best[0][0]):
+                best = heap
+        return heapq.heappop(best)[1] if best else None
+
+    def next_due(self) -> float | None:
+        """When the earliest deferred job falls due, if any."""
+        return self._deferred[0][0] if self._deferred else None
+
+    def released(self) -> int:
+        """Entries released and not yet popped (stale ones included)."""
+        return sum(len(heap) for heap in self._heaps.values())
