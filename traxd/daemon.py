@@ -8,7 +8,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,8 +178,8 @@ class Daemon:
             self.flags.reload.clear()
             self.reload()
 
-    async def _run_job(self, job: Job) -> None:
-        outcome = await self.runner.run(job)
+    async def _run_job(self, job: Job, release: Callable[[], None]) -> None:
+        outcome = await self.runner.run(job, release)
         self.batcher.job_finished(job.id, outcome.value)
 
     def _on_duplicate(self, job: Job) -> None:

@@ -119,20 +119,24 @@ class JobRunner:
 
     # --- the whole job ----------------------------------------------------------------------
 
-    async def run(self, job: Job) -> Outcome:
+    async def run(self, job: Job, release: Callable[[], None] = lambda: None) -> Outcome:
+        """Run a job to its end; `release` is called when its steps are over (its slot in
+        the pool is free again while its files are moved into place)."""
         log = get_logger(inbox=job.inbox, file=job.rel_path, job_id=job.id)
         if job.final_path is not None:
+            release()
             return await self._finalize_again(job, log)
         self.progress[job.id] = progress = Progress()
         try:
-            return await self._run(job, progress, log)
+            return await self._run(job, progress, log, release)
         except asyncio.CancelledError:
             self._interrupt(job.id, log)
             raise
         finally:
             self.progress.pop(job.id, None)
 
-    async def _run(self, job: Job, progress: Progress, log: FilteringBoundLogger) -> Outcome:
+    async def _run(self, job: Job, progress: Progress, log: FilteringBoundLogger,
+                   release: Callable[[], None]) -> Outcome:
         started = self.clock()
         try:
             claimed = await self.claims.claim(job)
@@ -141,6 +145,7 @@ class JobRunner:
                 return Outcome.CHANGED
             log.info("job_started", attempt=claimed.attempts + 1, step_index=claimed.step)
             state = await self.run_steps(claimed, progress, log)
+            release()
             progress.step = "publish"
             done = await self._publish(claimed, state)
         except Exception as exc:

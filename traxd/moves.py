@@ -107,6 +107,11 @@ class Mover:
 
     # --- publish ----------------------------------------------------------------------------
 
+    def plan_endings(self, publishing: Sequence[Ending], ending: Sequence[Ending]
+                     ) -> tuple[list[dict[str, str]], list[Path]]:
+        """Names for the outputs of `publishing` and the originals of `ending`, in one go."""
+        return self.plan_outputs(publishing), self.plan_finals(ending)
+
     def plan_outputs(self, endings: Sequence[Ending]) -> list[dict[str, str]]:
         """Destinations of every output, unique across the batch and the folders."""
         taken: set[Path] = set()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from traxd import metrics
 from traxd.coalesce import Coalescer
@@ -69,39 +70,41 @@ class FinishStage:
 
     async def _handle(self, endings: Sequence[Ending]) -> list[Job | BaseException]:
         results: list[Job | BaseException | None] = [None] * len(endings)
-        endings = await self._publish(list(endings), results)
-        live = [(i, e) for i, e in enumerate(endings) if results[i] is None]
-        await self._place([e for _, e in live], [i for i, _ in live], results)
+        current = [_current(e, self.journal) for e in endings]
+        todo = [i for i, e in enumerate(current) if e.job.final_path is None]
+        publishing = [i for i in todo if current[i].outcome is JobState.DONE
+                      and (current[i].artifacts or current[i].spawn)]
+        unplanned = [i for i in publishing if current[i].job.outputs is None]
+        plans, finals = await asyncio.to_thread(
+            self.mover.plan_endings, [current[i] for i in unplanned], [current[i] for i in todo])
+        if unplanned:
+            await self._record_outputs([current[i] for i in unplanned], plans)
+            current = [_current(e, self.journal) for e in current]
+        if publishing:
+            errors = await asyncio.to_thread(self.mover.publish, [current[i] for i in publishing])
+            for index, error in zip(publishing, errors, strict=True):
+                results[index] = error
+        await self._destine([(current[i], f) for i, f in zip(todo, finals, strict=True)
+                             if results[i] is None])
+        live = [i for i in range(len(current)) if results[i] is None]
+        await self._place([_current(current[i], self.journal) for i in live], live, results)
         return [r if r is not None else RuntimeError("not finished") for r in results]
 
-    async def _publish(self, endings: list[Ending], results: list[Job | BaseException | None]
-                       ) -> list[Ending]:
-        """Outputs of jobs done: planned (unless a repeat), written down, then copied."""
-        fresh = [i for i, e in enumerate(endings)
-                 if e.outcome is JobState.DONE and e.job.final_path is None]
-        unplanned = [i for i in fresh if self.journal.get(endings[i].job.id).outputs is None]
-        plans = await asyncio.to_thread(self.mover.plan_outputs, [endings[i] for i in unplanned])
-        for index, plan in zip(unplanned, plans, strict=True):
-            self.journal.plan_outputs(endings[index].job, plan)
-        endings = [_current(e, self.journal) for e in endings]
-        if unplanned:
+    async def _record_outputs(self, endings: list[Ending], plans: list[dict[str, str]]) -> None:
+        """Where each output goes, written down before anything is copied there."""
+        for ending, plan in zip(endings, plans, strict=True):
+            self.journal.plan_outputs(ending.job, plan)
+        await self.journal.durable()
+
+    async def _destine(self, endings: list[tuple[Ending, Path]]) -> None:
+        """Where each original goes, written down before it moves."""
+        for ending, final in endings:
+            self.journal.destine(ending.job, ending.outcome, str(final), ending.error)
+        if endings:
             await self.journal.durable()
-        errors = await asyncio.to_thread(self.mover.publish, [endings[i] for i in fresh])
-        for index, error in zip(fresh, errors, strict=True):
-            results[index] = error
-        return endings
 
     async def _place(self, endings: list[Ending], where: list[int],
                      results: list[Job | BaseException | None]) -> None:
-        """Destinations chosen (unless a repeat), written down, then the originals moved."""
-        new = [k for k, e in enumerate(endings) if e.job.final_path is None]
-        finals = await asyncio.to_thread(self.mover.plan_finals, [endings[k] for k in new])
-        for k, final in zip(new, finals, strict=True):
-            e = endings[k]
-            self.journal.destine(e.job, e.outcome, str(final), e.error)
-        endings = [_current(e, self.journal) for e in endings]
-        if new:
-            await self.journal.durable()
         sidecars = [self.sidecar(e.job) if e.outcome is JobState.FAILED else None
                     for e in endings]
         errors = await asyncio.to_thread(self.mover.place, endings, sidecars)
