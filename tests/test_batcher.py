@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 from traxd import metrics
@@ -34,7 +35,7 @@ async def test_the_tick_releases_queued_jobs_as_one_batch_and_wakes_the_pool(
     order: list[str] = []
     all_ran = asyncio.Event()
 
-    async def run(job: Job) -> None:
+    async def run(job: Job, free: Callable[[], None]) -> None:
         order.append(job.rel_path)
         if len(order) == 3:
             all_ran.set()
@@ -61,7 +62,7 @@ async def test_a_batch_counts_its_files_and_bytes(tmp_path: Path) -> None:
     queued(journal, "b", 32)
     gov = Governor(DaemonSettings(workers=1), sampler=lambda: Sample(10_000, 0))
 
-    async def run(job: Job) -> None:
+    async def run(job: Job, free: Callable[[], None]) -> None:
         return None
 
     batcher = Batcher(journal, WorkerPool(journal, run, gov, lambda: []))
@@ -75,7 +76,7 @@ async def test_queue_depth_gauge_returns_to_zero_when_the_queue_empties(tmp_path
     job = queued(journal, "gauge-a", 1)
     gov = Governor(DaemonSettings(workers=1), sampler=lambda: Sample(10_000, 0))
 
-    async def run(job: Job) -> None:
+    async def run(job: Job, free: Callable[[], None]) -> None:
         return None
 
     batcher = Batcher(journal, WorkerPool(journal, run, gov, lambda: []))

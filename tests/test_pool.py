@@ -28,7 +28,8 @@ def released(tmp_path: Path, jobs: list[tuple[str, int, int]], inbox: str = "in"
     return journal
 
 
-def pool_of(journal: Journal, run: Callable[[Job], Awaitable[None]], workers: int,
+def pool_of(journal: Journal, run: Callable[[Job, Callable[[], None]], Awaitable[None]],
+            workers: int,
             inboxes: tuple[str, ...] = ("in",)) -> WorkerPool:
     pool = WorkerPool(journal, run, governor(workers), lambda: inboxes)  # type: ignore[arg-type]
     pool.wake()
@@ -40,7 +41,7 @@ async def test_jobs_start_in_priority_then_size_order(tmp_path: Path) -> None:
     started: list[str] = []
     all_done = asyncio.Event()
 
-    async def run(job: Job) -> None:
+    async def run(job: Job, free: Callable[[], None]) -> None:
         started.append(job.rel_path)
         if len(started) == 4:
             all_done.set()
@@ -56,7 +57,7 @@ async def test_closed_inboxes_keep_their_jobs_until_they_open(tmp_path: Path) ->
     journal = released(tmp_path, [("x", 5, 1)], inbox="night")
     started: list[str] = []
 
-    async def run(job: Job) -> None:
+    async def run(job: Job, free: Callable[[], None]) -> None:
         started.append(job.rel_path)
 
     inboxes: tuple[str, ...] = ()
@@ -80,7 +81,7 @@ async def test_never_more_than_the_cap_at_once(tmp_path: Path) -> None:
     release = asyncio.Event()
     finished = asyncio.Semaphore(0)
 
-    async def run(job: Job) -> None:
+    async def run(job: Job, free: Callable[[], None]) -> None:
         nonlocal running, peak
         running += 1
         peak = max(peak, running)
@@ -104,7 +105,7 @@ async def test_a_failing_or_hanging_job_does_not_touch_the_others(tmp_path: Path
     done: list[str] = []
     hang = asyncio.Event()
 
-    async def run(job: Job) -> None:
+    async def run(job: Job, free: Callable[[], None]) -> None:
         if job.rel_path == "1":
             raise RuntimeError("boom")
         if job.rel_path == "2":

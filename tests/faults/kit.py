@@ -27,6 +27,8 @@ class Tally:
     """What the fault tests tried and found; the tests assert, the summary reports."""
 
     kills: Counter[str] = field(default_factory=Counter)  # phase -> SIGKILLs landed there
+    # phase -> SIGKILLs that caught several jobs in it at once (a batched claim or finish)
+    batched: Counter[str] = field(default_factory=Counter)
     bad_inputs: list[str] = field(default_factory=list)
     files_dropped: int = 0
     files_lost: int = 0
@@ -42,6 +44,8 @@ class Tally:
         return [
             f"kill points tried: {sum(self.kills.values())} ({by_phase or 'none'})"
             + (f"; seed {', '.join(map(str, self.seeds))}" if self.seeds else ""),
+            "kills inside a batch (several jobs in one phase): "
+            + (", ".join(f"{phase} {n}" for phase, n in sorted(self.batched.items())) or "none"),
             f"crash states constructed: {len(self.constructed)}"
             + (f" ({', '.join(self.constructed)})" if self.constructed else ""),
             f"bad inputs tried: {len(self.bad_inputs)}"
@@ -182,11 +186,12 @@ def job_phase(job: dict[str, Any], steps: int, box: Box) -> str | None:
     return None  # claimed earlier and put back in the queue: not touched by this daemon
 
 
-def classify_kill(state_dir: Path, box: Box, steps: int) -> str:
-    phases = {p for job in read_jobs(state_dir) if (p := job_phase(job, steps, box))}
+def classify_kill(state_dir: Path, box: Box, steps: int) -> tuple[str, Counter[str]]:
+    """The phase a kill landed in, and how many jobs were in each phase then."""
+    phases = Counter(p for job in read_jobs(state_dir) if (p := job_phase(job, steps, box)))
     if any(p.name.endswith(".traxd-tmp") for p in box.root.rglob("*")):
-        phases.add("publish/write")
-    return next(p for p in PHASES if p in phases or p == "idle")
+        phases["publish/write"] += 1
+    return next(p for p in PHASES if p in phases or p == "idle"), phases
 
 
 # --- daemons ------------------------------------------------------------------------------

@@ -44,6 +44,8 @@ BATCH = 8  # files dropped at a time
 FAIL_SHARE = 0.1  # files whose step fails by design
 SLOW_SHARE = 0.25  # runs with a slower step (0.15 s), so that kills land inside steps
 STARTUP_SHARE = 0.08  # kills during start-up recovery, before "ready"
+BURST_SHARE = 0.15  # runs that get a burst of files and many workers: batched claims, finishes
+BURST = 40
 
 
 def seed() -> int:
@@ -51,15 +53,15 @@ def seed() -> int:
     return int(value) if value else random.SystemRandom().randrange(1 << 32)
 
 
-def configs(tmp: Path, box: Box, ledger: Path) -> tuple[Path, Path]:
-    def config(name: str, delay: float) -> Path:
+def configs(tmp: Path, box: Box, ledger: Path) -> tuple[Path, Path, Path]:
+    def config(name: str, delay: float, workers: int = 3) -> Path:
         return write_config(tmp / name, base_daemon(
-            tmp, workers=3, settle_seconds=0.05, batch_interval="0.1s", retry_backoff="0.1s",
-            retry_backoff_max="0.5s", reconcile_interval="1s"), [{
+            tmp, workers=workers, settle_seconds=0.05, batch_interval="0.1s",
+            retry_backoff="0.1s", retry_backoff_max="0.5s", reconcile_interval="1s"), [{
                 "name": "main", "path": str(box.inbox),
                 "pipeline": [{"command": multi_copy_step(ledger, delay)}]}])
 
-    return config("fast.toml", 0.0), config("slow.toml", 0.15)
+    return config("fast.toml", 0.0), config("slow.toml", 0.15), config("burst.toml", 0.0, 16)
 
 
 def ledger_counts(ledger: Path) -> Counter[str]:
@@ -76,11 +78,12 @@ def test_sigkill_at_random_points_loses_nothing_and_repeats_nothing(
     box = Box(tmp_path / "box").make()
     state = tmp_path / "state"
     ledger = tmp_path / "ledger"
-    fast, slow = configs(tmp_path, box, ledger)
+    fast, slow, burst = configs(tmp_path, box, ledger)
     good: dict[str, bytes] = {}
     bad: set[str] = set()
     done_at_kill: dict[str, int] = {}  # file -> ledger count when first seen in done/
     phases: Counter[str] = Counter()
+    batched: Counter[str] = Counter()  # kills that caught several jobs in one phase
     crashes: list[str] = []
 
     def drop(count: int) -> None:
@@ -102,9 +105,12 @@ def test_sigkill_at_random_points_loses_nothing_and_repeats_nothing(
         if time.monotonic() - started > KILL_BUDGET:
             break
         cycle += 1
-        if len(files_under(box.inbox)) + len(files_under(box.processing)) < PENDING_TARGET:
-            drop(BATCH)
         config = slow if rng.random() < SLOW_SHARE else fast
+        if rng.random() < BURST_SHARE:
+            drop(BURST)
+            config = burst
+        elif len(files_under(box.inbox)) + len(files_under(box.processing)) < PENDING_TARGET:
+            drop(BATCH)
         daemon = FaultDaemon(config, tmp_path / "logs" / f"{cycle:03d}.log")
         (tmp_path / "logs").mkdir(exist_ok=True)
         daemon.spawn()
@@ -120,9 +126,10 @@ def test_sigkill_at_random_points_loses_nothing_and_repeats_nothing(
             continue
         ready = daemon.is_ready()
         daemon.kill()
-        phase = classify_kill(state, box, steps=1) if ready else "startup"
+        phase, in_phase = classify_kill(state, box, steps=1) if ready else ("startup", Counter())
         phases[phase] += 1
         tally.kills[phase] += 1
+        batched.update(p for p, n in in_phase.items() if n > 1 and p in BATCHED_PHASES)
         tally.orphans_waited += wait_for_orphans(str(ledger))
         counts = ledger_counts(ledger)
         for name in files_under(box.done):
@@ -157,6 +164,11 @@ def test_sigkill_at_random_points_loses_nothing_and_repeats_nothing(
     assert all(counts[n] >= 1 for n in good)
     assert sum(phases.values()) >= MIN_KILLS, f"only {sum(phases.values())} kills in budget"
     assert hit_every_phase(phases), f"phases hit (seed {rng_seed}): {dict(phases)}"
+    tally.batched.update(batched)
+    assert batched, f"no kill caught a batched claim or finish (seed {rng_seed})"
+
+
+BATCHED_PHASES = ("claim", "publish/write", "move")
 
 
 def hit_every_phase(phases: Counter[str]) -> bool:
