@@ -33,8 +33,8 @@ lint: $(STAMP_DEV)
 test: $(STAMP_DEV) lint
 	$(BIN)/pytest -q -ra
 
-bench: $(STAMP_DEV)
-	$(BIN)/python -m bench
+bench: $(STAMP_DEV)  # full sizes; `make bench BENCH="--quick"` or BENCH="spine pickup" for less
+	$(BIN)/python -m bench $(BENCH)
 
 clean:
 	rm -rf $(VENV) $(DEMO) .mypy_cache .ruff_cache .pytest_cache

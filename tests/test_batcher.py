@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from pathlib import Path
 
 from traxd import metrics
 from traxd.batcher import Batcher, group_by_size, order_jobs
 from traxd.config import DaemonSettings
 from traxd.journal import Job, JobState, Journal
-from traxd.pool import WorkerPool
+from traxd.pool import Slot, WorkerPool
 from traxd.throttle import Governor, Sample
 
 
@@ -35,7 +34,8 @@ async def test_the_tick_releases_queued_jobs_as_one_batch_and_wakes_the_pool(
     order: list[str] = []
     all_ran = asyncio.Event()
 
-    async def run(job: Job, free: Callable[[], None]) -> None:
+    async def run(job: Job, slot: Slot) -> None:
+        await slot.acquire()
         order.append(job.rel_path)
         if len(order) == 3:
             all_ran.set()
@@ -62,7 +62,8 @@ async def test_a_batch_counts_its_files_and_bytes(tmp_path: Path) -> None:
     queued(journal, "b", 32)
     gov = Governor(DaemonSettings(workers=1), sampler=lambda: Sample(10_000, 0))
 
-    async def run(job: Job, free: Callable[[], None]) -> None:
+    async def run(job: Job, slot: Slot) -> None:
+        await slot.acquire()
         return None
 
     batcher = Batcher(journal, WorkerPool(journal, run, gov, lambda: []))
@@ -76,7 +77,8 @@ async def test_queue_depth_gauge_returns_to_zero_when_the_queue_empties(tmp_path
     job = queued(journal, "gauge-a", 1)
     gov = Governor(DaemonSettings(workers=1), sampler=lambda: Sample(10_000, 0))
 
-    async def run(job: Job, free: Callable[[], None]) -> None:
+    async def run(job: Job, slot: Slot) -> None:
+        await slot.acquire()
         return None
 
     batcher = Batcher(journal, WorkerPool(journal, run, gov, lambda: []))

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from traxd.config import DaemonSettings
 from traxd.journal import Job, Journal
-from traxd.pool import WorkerPool
-from traxd.throttle import Admission, Governor, Sample
+from traxd.pool import Slot, WorkerPool
+from traxd.throttle import Admission, Governor, MachineSampler, Sample
 
 ROOMY = Sample(available_mb=10_000, cpu_percent=0.0)
 
@@ -28,8 +30,7 @@ def released(tmp_path: Path, jobs: list[tuple[str, int, int]], inbox: str = "in"
     return journal
 
 
-def pool_of(journal: Journal, run: Callable[[Job, Callable[[], None]], Awaitable[None]],
-            workers: int,
+def pool_of(journal: Journal, run: Callable[[Job, Slot], Awaitable[None]], workers: int,
             inboxes: tuple[str, ...] = ("in",)) -> WorkerPool:
     pool = WorkerPool(journal, run, governor(workers), lambda: inboxes)  # type: ignore[arg-type]
     pool.wake()
@@ -41,7 +42,8 @@ async def test_jobs_start_in_priority_then_size_order(tmp_path: Path) -> None:
     started: list[str] = []
     all_done = asyncio.Event()
 
-    async def run(job: Job, free: Callable[[], None]) -> None:
+    async def run(job: Job, slot: Slot) -> None:
+        await slot.acquire()
         started.append(job.rel_path)
         if len(started) == 4:
             all_done.set()
@@ -57,7 +59,8 @@ async def test_closed_inboxes_keep_their_jobs_until_they_open(tmp_path: Path) ->
     journal = released(tmp_path, [("x", 5, 1)], inbox="night")
     started: list[str] = []
 
-    async def run(job: Job, free: Callable[[], None]) -> None:
+    async def run(job: Job, slot: Slot) -> None:
+        await slot.acquire()
         started.append(job.rel_path)
 
     inboxes: tuple[str, ...] = ()
@@ -81,7 +84,8 @@ async def test_never_more_than_the_cap_at_once(tmp_path: Path) -> None:
     release = asyncio.Event()
     finished = asyncio.Semaphore(0)
 
-    async def run(job: Job, free: Callable[[], None]) -> None:
+    async def run(job: Job, slot: Slot) -> None:
+        await slot.acquire()
         nonlocal running, peak
         running += 1
         peak = max(peak, running)
@@ -105,7 +109,8 @@ async def test_a_failing_or_hanging_job_does_not_touch_the_others(tmp_path: Path
     done: list[str] = []
     hang = asyncio.Event()
 
-    async def run(job: Job, free: Callable[[], None]) -> None:
+    async def run(job: Job, slot: Slot) -> None:
+        await slot.acquire()
         if job.rel_path == "1":
             raise RuntimeError("boom")
         if job.rel_path == "2":
@@ -134,3 +139,49 @@ def test_allowance_grows_back_by_one_when_pressure_ends() -> None:
     samples = [Sample(10, 0.0)] * 3 + [Sample(10_000, 0.0)] * 2
     gov = Governor(DaemonSettings(workers=8), sampler=lambda: samples.pop(0))
     assert [gov.evaluate().allowed for _ in range(5)] == [4, 2, 1, 2, 3]
+
+
+def test_the_daemons_own_cpu_is_not_counted_as_pressure() -> None:
+    # Given a sampler, and this process (the daemon) burning 0.3 s of CPU
+    sampler = MachineSampler()
+    started, cpu = time.monotonic(), time.process_time()
+    while time.process_time() - cpu < 0.3:
+        pass
+    # When the machine is sampled
+    sample = sampler()
+    # Then that CPU is counted as traxd's own, not as others' load
+    wall = time.monotonic() - started
+    floor = 100 * 0.3 / wall / (os.cpu_count() or 1)
+    assert sample.own_percent >= 0.8 * floor
+    assert sample.cpu_percent <= 100.0 - 0.8 * floor
+
+
+async def test_jobs_are_claimed_ahead_of_their_slot_but_no_further(tmp_path: Path) -> None:
+    # Given 10 released jobs, 2 slots, and steps that block
+    journal = released(tmp_path, [(f"f{n}", 0, 0) for n in range(10)])
+    claimed: list[str] = []
+    holding = asyncio.Event()
+    block = asyncio.Event()
+
+    async def run(job: Job, slot: Slot) -> None:
+        claimed.append(job.rel_path)  # the claim happens before the slot is taken
+        await slot.acquire()
+        if len(pool.busy) == 2:
+            holding.set()
+        await block.wait()
+
+    pool = pool_of(journal, run, 2)
+    server = asyncio.create_task(pool.serve())
+    async with asyncio.timeout(5):
+        await holding.wait()
+        while len(claimed) < 4:
+            await asyncio.sleep(0)
+    # Then two run and two more wait claimed, and nothing else is taken from the queue
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert (len(pool.busy), len(pool.ahead), len(claimed)) == (2, 2, 4)
+    block.set()
+    async with asyncio.timeout(5):
+        while len(claimed) < 10 or pool.running:
+            await asyncio.sleep(0)
+    server.cancel()

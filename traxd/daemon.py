@@ -8,7 +8,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ from traxd.moves import Mover
 from traxd.operations import Operations, Parts
 from traxd.pipeline.base import Step
 from traxd.pipeline.registry import StepRegistry
-from traxd.pool import WorkerPool
+from traxd.pool import Slot, WorkerPool
 from traxd.throttle import Governor
 from traxd.watcher import Watchers
 
@@ -178,8 +178,8 @@ class Daemon:
             self.flags.reload.clear()
             self.reload()
 
-    async def _run_job(self, job: Job, release: Callable[[], None]) -> None:
-        outcome = await self.runner.run(job, release)
+    async def _run_job(self, job: Job, slot: Slot) -> None:
+        outcome = await self.runner.run(job, slot)
         self.batcher.job_finished(job.id, outcome.value)
 
     def _on_duplicate(self, job: Job) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from structlog.typing import FilteringBoundLogger
 
@@ -58,6 +58,24 @@ class BackendGate:
             del self.paused[name]
             metrics.BACKEND_PAUSED.labels(backend=name).set(0)
         return names
+
+
+class JobSlot(Protocol):
+    """A place in the worker pool: held while the steps run (traxd.pool.Slot)."""
+
+    async def acquire(self) -> None: ...
+
+    def release(self) -> None: ...
+
+
+class NoSlot:
+    """For a job run outside the pool (`traxd batch`, tests): there is nothing to wait for."""
+
+    async def acquire(self) -> None:
+        return None
+
+    def release(self) -> None:
+        return None
 
 
 @dataclass
@@ -119,16 +137,17 @@ class JobRunner:
 
     # --- the whole job ----------------------------------------------------------------------
 
-    async def run(self, job: Job, release: Callable[[], None] = lambda: None) -> Outcome:
-        """Run a job to its end; `release` is called when its steps are over (its slot in
-        the pool is free again while its files are moved into place)."""
+    async def run(self, job: Job, slot: JobSlot | None = None) -> Outcome:
+        """Run a job to its end. Its slot is taken once the file is claimed and given back
+        when the steps are over, before the files are moved into place."""
+        slot = slot or NoSlot()
         log = get_logger(inbox=job.inbox, file=job.rel_path, job_id=job.id)
         if job.final_path is not None:
-            release()
+            slot.release()
             return await self._finalize_again(job, log)
         self.progress[job.id] = progress = Progress()
         try:
-            return await self._run(job, progress, log, release)
+            return await self._run(job, progress, log, slot)
         except asyncio.CancelledError:
             self._interrupt(job.id, log)
             raise
@@ -136,16 +155,17 @@ class JobRunner:
             self.progress.pop(job.id, None)
 
     async def _run(self, job: Job, progress: Progress, log: FilteringBoundLogger,
-                   release: Callable[[], None]) -> Outcome:
+                   slot: JobSlot) -> Outcome:
         started = self.clock()
         try:
             claimed = await self.claims.claim(job)
             if claimed is None:
                 log.info("file_changed_while_queued")
                 return Outcome.CHANGED
+            await slot.acquire()
             log.info("job_started", attempt=claimed.attempts + 1, step_index=claimed.step)
             state = await self.run_steps(claimed, progress, log)
-            release()
+            slot.release()
             progress.step = "publish"
             done = await self._publish(claimed, state)
         except Exception as exc:

@@ -1,15 +1,17 @@
 """The bounded asyncio worker pool: pulls jobs from the journal's ready set as slots free.
 
 The order is the ready set's (inbox priority, then largest first); the pool keeps no queue
-of its own. A job holds a slot from its claim to the end of its steps; moving its files
-into place afterwards does not (that is batched bookkeeping, not work). At most `governor`
-allows hold slots at once, fewer while it holds admission. One job's failure or hang never
-touches another: each runs in its own task.
+of its own. A job holds a slot while its steps run. Its claim happens just before, while
+the previous job still holds the slot (at most as many jobs are claimed ahead as there are
+slots), and moving its files into place afterwards does not hold one: both are batched
+bookkeeping, not work. At most `governor` allows hold slots at once, fewer while it holds
+admission. One job's failure or hang never touches another: each runs in its own task.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Callable, Collection, Coroutine
 from typing import Any
 
@@ -17,9 +19,23 @@ from traxd.journal import Job, Journal
 from traxd.logs import get_logger
 from traxd.throttle import Governor
 
-Release = Callable[[], None]
-JobFn = Callable[[Job, Release], Coroutine[Any, Any, None]]  # calls Release when its steps end
 OpenInboxes = Callable[[], Collection[str]]
+
+
+class Slot:
+    """A job's place in the pool: `await acquire()` before its steps, `release()` after."""
+
+    def __init__(self, pool: WorkerPool, job_id: int) -> None:
+        self._pool, self._job_id = pool, job_id
+
+    async def acquire(self) -> None:
+        await self._pool._acquire(self._job_id)
+
+    def release(self) -> None:
+        self._pool._release(self._job_id)
+
+
+JobFn = Callable[[Job, Slot], Coroutine[Any, Any, None]]
 
 
 class WorkerPool:
@@ -32,6 +48,8 @@ class WorkerPool:
         self._wake = asyncio.Event()
         self.running: dict[int, asyncio.Task[None]] = {}  # every job task, finishing included
         self.busy: set[int] = set()  # jobs holding a slot
+        self.ahead: set[int] = set()  # jobs started that do not hold a slot yet
+        self._waiting: deque[tuple[int, asyncio.Future[None]]] = deque()
         self.accepting = True
         self._log = get_logger(component="pool")
 
@@ -44,36 +62,54 @@ class WorkerPool:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            self._grant()
             self._fill()
 
     def _fill(self) -> None:
-        if not self.accepting or not self._governor.may_start(len(self.busy)):
+        room = self._governor.current.allowed - len(self.ahead)
+        if not self.accepting or room <= 0:
             return
         inboxes = self._open_inboxes()
-        while self._governor.may_start(len(self.busy)):
+        for _ in range(room):
             job = self._journal.next_ready(inboxes)
             if job is None:
                 return
             self._start(job)
 
     def _start(self, job: Job) -> None:
-        self.busy.add(job.id)
-        task = asyncio.create_task(self._run(job, lambda: self._release(job.id)),
-                                   name=f"job-{job.id}")
+        self.ahead.add(job.id)
+        task = asyncio.create_task(self._run(job, Slot(self, job.id)), name=f"job-{job.id}")
         self.running[job.id] = task
         task.add_done_callback(lambda t: self._finished(job.id, t))
 
+    async def _acquire(self, job_id: int) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((job_id, future))
+        self._grant()
+        await future
+
+    def _grant(self) -> None:
+        """Hand free slots to the jobs waiting for one, first come first served."""
+        while self._waiting and self._governor.may_start(len(self.busy)):
+            job_id, future = self._waiting.popleft()
+            if future.done():  # its job was cancelled while it waited
+                continue
+            self.ahead.discard(job_id)
+            self.busy.add(job_id)
+            future.set_result(None)
+            self._wake.set()  # one more may be claimed ahead
+
     def _release(self, job_id: int) -> None:
+        self.ahead.discard(job_id)
         if job_id in self.busy:
             self.busy.discard(job_id)
-            self._wake.set()
+        self._wake.set()
 
     def _finished(self, job_id: int, task: asyncio.Task[None]) -> None:
         self.running.pop(job_id, None)
-        self.busy.discard(job_id)
+        self._release(job_id)
         if not task.cancelled() and (exc := task.exception()) is not None:
             self._log.error("job_crashed", job_id=job_id, error=repr(exc), exc_info=exc)
-        self._wake.set()
 
     async def stop(self, grace: float) -> None:
         """Take no more work; let running jobs finish for `grace` seconds, then cancel them."""

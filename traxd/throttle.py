@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -14,12 +16,44 @@ from traxd.config import DaemonSettings
 @dataclass(frozen=True)
 class Sample:
     available_mb: float
-    cpu_percent: float
+    cpu_percent: float  # of the whole machine, used by processes other than traxd's own
+    own_percent: float = 0.0  # of the whole machine, used by traxd and its step processes
 
 
-def sample_machine() -> Sample:
-    """Available memory, and CPU use since the previous call (non-blocking)."""
-    return Sample(psutil.virtual_memory().available / 2**20, psutil.cpu_percent(interval=None))
+class MachineSampler:
+    """Available memory, and the CPU others used since the previous call (non-blocking).
+
+    traxd's own CPU (the daemon and its step processes) is left out: the governor makes room
+    for other work on the machine; how much of it traxd itself may use is `workers`.
+    """
+
+    def __init__(self) -> None:
+        self._me = psutil.Process()
+        self._cores = psutil.cpu_count() or 1
+        self._last = (time.monotonic(), self._own_seconds())
+        psutil.cpu_percent(interval=None)
+
+    def __call__(self) -> Sample:
+        now, own = time.monotonic(), self._own_seconds()
+        then, before = self._last
+        self._last = (now, own)
+        mine = 100.0 * (own - before) / max(now - then, 1e-3) / self._cores
+        others = max(0.0, psutil.cpu_percent(interval=None) - mine)
+        return Sample(psutil.virtual_memory().available / 2**20, others, mine)
+
+    def _own_seconds(self) -> float:
+        """CPU seconds of the daemon, its live children, and the children it has reaped."""
+        total = sum(self._me.cpu_times()[:4])  # user, system, reaped children's user, system
+        for child in self._children():
+            with contextlib.suppress(psutil.Error):
+                total += sum(child.cpu_times()[:2])
+        return total
+
+    def _children(self) -> list[psutil.Process]:
+        try:
+            return self._me.children(recursive=True)
+        except psutil.Error:
+            return []
 
 
 @dataclass(frozen=True)
@@ -41,11 +75,11 @@ class Governor:
     """
 
     def __init__(self, settings: DaemonSettings,
-                 sampler: Callable[[], Sample] = sample_machine) -> None:
+                 sampler: Callable[[], Sample] | None = None) -> None:
         self.cap = settings.workers
         self.reserve_mb = settings.memory_reserve_mb
         self.cpu_limit = settings.cpu_limit_percent
-        self._sampler = sampler
+        self._sampler = sampler or MachineSampler()
         self.current = Admission(self.cap, memory_short=False, cpu_busy=False)
 
     def evaluate(self) -> Admission:
