@@ -24,6 +24,7 @@ STEP = "noop"
 
 class NoopStep:
     name = STEP
+    needs_workdir = False  # it writes nothing: no folder is made for it
 
     async def run(self, ctx: StepContext) -> StepResult:
         return StepResult()

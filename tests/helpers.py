@@ -27,7 +27,7 @@ COPY_SCRIPT = (
     "if open(src, 'rb').read(4) == b'FAIL':\n"
     "    sys.exit('refusing to copy ' + os.path.basename(src))\n"
     "shutil.copyfile(src, dest)\n"
-    "with open(ledger, 'a') as f:\n"
+    "with open(ledger, 'a', errors='surrogateescape') as f:\n"
     "    f.write(os.path.basename(src) + '\\n')\n"
 )
 

@@ -84,6 +84,13 @@ def test_design_example_loads(tmp_path: Path) -> None:
      "inbox[0].schedule", "cron"),
     ("[[inbox]]\nname = \"a\"\npath = \"/x/in\"\n[[inbox]]\nname = \"b\"\npath = \"/x/in/sub\"\n",
      "inbox[1].path", "overlaps"),
+    ("[daemon]\nstate_dir = \"/x/in/.state\"\n[[inbox]]\nname = \"a\"\npath = \"/x/in\"\n",
+     "daemon.state_dir", "overlaps the inbox folder"),
+    ("[daemon]\nstate_dir = \"/x/outputs\"\n[[inbox]]\nname = \"a\"\npath = \"/x/in\"\n",
+     "daemon.state_dir", "overlaps the outputs folder"),
+    ("[[inbox]]\nname = \"a\"\npath = \"/x/in\"\n"
+     "[[inbox]]\nname = \"b\"\npath = \"/x/done/b/in\"\n",
+     "inbox[1].path", "overlaps the folders of inbox 'a'"),
     ("[transcribe]\nbackend = \"cloud\"\n", "transcribe.backend", "must be one of"),
     ("[daemon\n", "-", "not valid TOML"),
 ])

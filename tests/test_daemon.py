@@ -92,6 +92,48 @@ def test_files_present_at_start_are_found(tmp_path: Path) -> None:
         wait_until(lambda: settled_everything(root, 5), 30, message="five files done")
 
 
+def test_a_name_that_is_not_utf8_is_processed_like_any_other(tmp_path: Path) -> None:
+    # Given a file whose name is Latin-1 bytes (not valid UTF-8), and one that fails
+    root, config, _ = setup_inbox(tmp_path)
+    inbox = os.fsencode(root / "inbox")
+    with running_daemon(config, tmp_path / "log") as daemon:
+        # When they are dropped
+        with open(inbox + b"/caf\xe9.mp3", "wb") as good:
+            good.write(b"latin")
+        with open(inbox + b"/\xff\xfe.mp3", "wb") as bad:
+            bad.write(b"FAIL latin")
+        # Then each ends where it should, with its output or its sidecar, the daemon alive
+        wait_until(lambda: settled_everything(root, 2), 30, message="both finished")
+        assert daemon.proc is not None and daemon.proc.poll() is None
+        assert daemon.terminate() == 0
+    assert os.listdir(os.fsencode(root / "done")) == [b"caf\xe9.mp3"]
+    assert os.listdir(os.fsencode(root / "outputs")) == [b"caf\xe9.txt"]
+    assert sorted(os.listdir(os.fsencode(root / "failed"))) == [
+        b"\xff\xfe.mp3", b"\xff\xfe.mp3.error.json"]
+    sidecar = json.loads((root / "failed" / os.fsdecode(b"\xff\xfe.mp3.error.json")).read_text(
+        errors="strict"))
+    assert sidecar["file"] == os.fsdecode(b"\xff\xfe.mp3")
+    # And a restart reads the journal back
+    with running_daemon(config, tmp_path / "log2"):
+        pass
+
+
+def test_files_in_processing_that_the_journal_does_not_know_are_adopted(tmp_path: Path) -> None:
+    # Given files left in processing/ with no journal (it was moved aside on advice, or lost)
+    root, config, _ = setup_inbox(tmp_path)
+    (root / "processing" / "sub").mkdir(parents=True)
+    (root / "processing" / "orphan.mp3").write_bytes(b"orphan")
+    (root / "processing" / "sub" / "deep.mp3").write_bytes(b"deep")
+    # When the daemon starts
+    with running_daemon(config, tmp_path / "log") as daemon:
+        # Then each goes back through the inbox and is processed, with a warning
+        wait_until(lambda: settled_everything(root, 2), 30, message="both adopted and done")
+        log = daemon.log_text()
+    assert files_under(root / "done") == ["orphan.mp3", "sub/deep.mp3"]
+    assert files_under(root / "outputs") == ["orphan.txt", "sub/deep.txt"]
+    assert log.count('"stray_adopted"') == 2
+
+
 def test_sigkill_mid_batch_then_restart_processes_each_file_once(tmp_path: Path) -> None:
     # Given a daemon with slow steps and a batch of files in flight
     root, config, ledger = setup_inbox(tmp_path, delay=0.3, workers=3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import errno
 import json
@@ -243,3 +244,51 @@ async def test_a_publish_cut_short_leaves_no_outputs_when_the_file_fails(
     assert files_under(h.folders.outputs) == []
     sidecar = json.loads((h.folders.failed / "x.mp3.error.json").read_text())
     assert "No space left" in sidecar["message"]
+
+
+async def test_two_files_with_one_stem_finishing_together_keep_their_own_outputs(
+        settings: Settings) -> None:
+    # Given talk.mp3 and talk.wav, whose steps both write talk.a, finishing in one batch
+    h = Harness(settings, ScriptedStep("a"))
+    jobs = [h.drop("talk.mp3", b"mp3"), h.drop("talk.wav", b"wav")]
+    # When both run at once
+    outcomes = await asyncio.gather(*(h.run(job) for job in jobs))
+    # Then each has an output of its own, under its own name
+    assert outcomes == [Outcome.DONE, Outcome.DONE]
+    assert files_under(h.folders.outputs) == ["talk (1).a", "talk.a"]
+    texts = sorted((h.folders.outputs / name).read_text() for name in ("talk.a", "talk (1).a"))
+    assert texts == ["a of talk.mp3", "a of talk.wav"]
+
+
+async def test_output_names_planned_before_a_restart_stay_reserved(settings: Settings) -> None:
+    # Given a job that planned outputs/x.a before a stop, and has not written it yet
+    h = Harness(settings, ScriptedStep("a"))
+    first = await h.runner.claims.claim(h.drop("x.mp3"))
+    assert first is not None
+    h.journal.plan_outputs(first, {"x.a": str(h.folders.outputs / "x.a")})
+    h.runner.mover.reserve(h.journal.live())
+    # When another file with the same stem is done
+    second = h.drop("x.wav")
+    assert await h.run(second) is Outcome.DONE
+    # Then it does not take the name the first one holds
+    assert files_under(h.folders.outputs) == ["x (1).a"]
+
+
+async def test_the_same_name_dropped_again_while_the_first_runs_ends_apart(
+        settings: Settings) -> None:
+    # Given talk.mp3 claimed and running, and a new talk.mp3 dropped meanwhile; both fail
+    h = Harness(settings, ScriptedStep("a", [Permanent("bad one"), Permanent("bad two")]))
+    first = await h.runner.claims.claim(h.drop("talk.mp3", b"one"))
+    assert first is not None
+    h.journal.interrupt(h.journal.get(first.id))
+    second = h.drop("talk.mp3", b"two")
+    # When both run to their end at once
+    outcomes = await asyncio.gather(h.run(first), h.run(second))
+    # Then each original and its sidecar has a place of its own, nothing stays behind
+    assert outcomes == [Outcome.FAILED, Outcome.FAILED]
+    assert files_under(h.folders.failed) == [
+        "talk (1).mp3", "talk (1).mp3.error.json", "talk.mp3", "talk.mp3.error.json"]
+    assert files_under(h.folders.processing) == []
+    contents = {(h.folders.failed / n).read_bytes() for n in ("talk.mp3", "talk (1).mp3")}
+    assert contents == {b"one", b"two"}
+    assert h.journal.count("main", JobState.FAILED) == 2

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from traxd.config import DaemonSettings
 from traxd.journal import Job, Journal
-from traxd.pool import Slot, WorkerPool
+from traxd.pool import AHEAD_PER_SLOT, Slot, WorkerPool
 from traxd.throttle import Admission, Governor, MachineSampler, Sample
 
 ROOMY = Sample(available_mb=10_000, cpu_percent=0.0)
@@ -172,14 +172,15 @@ async def test_jobs_are_claimed_ahead_of_their_slot_but_no_further(tmp_path: Pat
 
     pool = pool_of(journal, run, 2)
     server = asyncio.create_task(pool.serve())
+    ahead = 2 * AHEAD_PER_SLOT
     async with asyncio.timeout(5):
         await holding.wait()
-        while len(claimed) < 4:
+        while len(claimed) < 2 + ahead:
             await asyncio.sleep(0)
-    # Then two run and two more wait claimed, and nothing else is taken from the queue
+    # Then two run, a few more wait claimed, and nothing else is taken from the queue
     for _ in range(10):
         await asyncio.sleep(0)
-    assert (len(pool.busy), len(pool.ahead), len(claimed)) == (2, 2, 4)
+    assert (len(pool.busy), len(pool.ahead), len(claimed)) == (2, ahead, 2 + ahead)
     block.set()
     async with asyncio.timeout(5):
         while len(claimed) < 10 or pool.running:

@@ -358,10 +358,13 @@ def parse_settings(raw: Mapping[str, Any], *, source: Path | None = None) -> Set
     names = {folders.processing, folders.done, folders.outputs, folders.failed}
     if len(names) != 4 or not all(n and "/" not in n and n not in (".", "..") for n in names):
         raise ConfigError(where, "folders", "the four folder names must differ and be plain names")
+    daemon = section("daemon").build(DaemonSettings, _DAEMON)
+    inboxes = _inboxes(where, raw.get("inbox", []), folders)
+    _check_places(where, daemon.state_dir, inboxes, folders)
     return Settings(
-        daemon=section("daemon").build(DaemonSettings, _DAEMON),
+        daemon=daemon,
         folders=folders,
-        inboxes=_inboxes(where, raw.get("inbox", []), folders),
+        inboxes=inboxes,
         transcribe=section("transcribe").build(TranscribeSettings, _TRANSCRIBE),
         enhance=section("enhance").build(EnhanceSettings, _ENHANCE),
         download=section("download").build(DownloadSettings, _DOWNLOAD),
@@ -400,6 +403,30 @@ def _check_no_overlap(
         theirs = other.path.resolve()
         if mine == theirs or mine.is_relative_to(theirs) or theirs.is_relative_to(mine):
             raise ConfigError(where, f"{prefix}.path", f"overlaps inbox {other.name!r}")
+
+
+def _family(inbox: InboxSettings, folders: FolderNames) -> dict[str, Path]:
+    """An inbox and its sibling folders, resolved: what traxd moves files in and out of."""
+    root = inbox.path.resolve()
+    return {"inbox": root, **{name: root.parent / folder for name, folder in vars(folders).items()}}
+
+
+def _check_places(where: str, state_dir: Path, inboxes: tuple[InboxSettings, ...],
+                  folders: FolderNames) -> None:
+    """No inbox inside another inbox's folders, and the state folder inside none of them
+    (traxd would move its own journal, or process its outputs again)."""
+    state = state_dir.resolve()
+    for index, inbox in enumerate(inboxes):
+        for role, place in _family(inbox, folders).items():
+            if state.is_relative_to(place):
+                raise ConfigError(where, "daemon.state_dir", f"overlaps the {role} folder "
+                                  f"{place} of inbox {inbox.name!r}; put it elsewhere")
+            for other in inboxes[:index]:
+                theirs = _family(other, folders)
+                if any(place.is_relative_to(t) or t.is_relative_to(place)
+                       for t in theirs.values()):
+                    raise ConfigError(where, f"inbox[{index}].path", f"its {role} folder "
+                                      f"{place} overlaps the folders of inbox {other.name!r}")
 
 
 def with_overrides(settings: Settings, **daemon: Any) -> Settings:

@@ -96,14 +96,23 @@ class Daemon:
         """Put every job left by a crash or stop back on its way; clean temporary files."""
         interrupted = self.journal.interrupt_all()
         self.journal.release_all()
+        await self._adopt_strays()
         prepared = [j for j in self.journal.live(JobState.QUEUED) if j.final_path is not None]
         for job in prepared:
             self.journal.take(job)
         await asyncio.gather(*(self.runner.run(job) for job in prepared))
-        live = {str(j.id) for j in self.journal.live()}
-        swept = await asyncio.to_thread(self._sweep, live)
+        live_ids = {str(j.id) for j in self.journal.live()}
+        swept = await asyncio.to_thread(self._sweep, live_ids)
         self.log.info("recovered", resumed=len(interrupted), finalized=len(prepared),
                       temporaries_removed=swept)
+
+    async def _adopt_strays(self) -> None:
+        live = self.journal.live()
+        self.runner.mover.reserve(live)
+        claimed = {j.claimed_path for j in live if j.claimed_path is not None}
+        for src, dest in await asyncio.to_thread(self.runner.mover.adopt_strays, claimed):
+            self.log.warning("stray_adopted", file=str(src), moved_to=str(dest),
+                             why="in processing/ with no job in the journal")
 
     def _sweep(self, live: set[str]) -> int:
         """Temporary files left by a crash mid-write; work folders of jobs no longer live."""

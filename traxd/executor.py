@@ -305,6 +305,9 @@ class LocalExecutor:
 
 
 def _empty_folder(path: Path) -> None:
-    if path.exists():
-        shutil.rmtree(path)  # left by an attempt that was cut short
-    path.mkdir(parents=True)
+    """A new folder; one left by an attempt that was cut short is emptied first."""
+    try:
+        path.mkdir(parents=True)
+    except FileExistsError:
+        shutil.rmtree(path)
+        path.mkdir()

@@ -335,7 +335,10 @@ def sidecar(job: Job) -> bytes:
         "failed_at": error.get("at") or _iso(job.updated),
     }
     body.pop("at", None)
-    return (json.dumps(body, indent=2, ensure_ascii=False) + "\n").encode()
+    try:
+        return (json.dumps(body, indent=2, ensure_ascii=False) + "\n").encode()
+    except UnicodeEncodeError:  # a name that is not UTF-8: escaped, so the JSON stays valid
+        return (json.dumps(body, indent=2) + "\n").encode()
 
 
 def _iso(ts: float | None) -> str | None:

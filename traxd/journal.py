@@ -123,12 +123,18 @@ class Job:
     def from_row(cls, row: sqlite3.Row) -> Job:
         values = dict(row)
         values["state"] = JobState(values["state"])
+        for key in PATH_COLUMNS:
+            if isinstance(values[key], bytes):
+                values[key] = os.fsdecode(values[key])
         for key in ("outputs", "error"):
             values[key] = json.loads(values[key]) if values[key] else None
         return cls(**values)
 
 
 Key = tuple[str, str]
+# Names are bytes on POSIX: a name that is not UTF-8 (held in a str with surrogate escapes)
+# is stored as a BLOB of its bytes, and read back the same way.
+PATH_COLUMNS = ("rel_path", "claimed_path", "final_path")
 
 
 class Journal:
@@ -243,7 +249,7 @@ class Journal:
         self.store.write(
             "INSERT INTO jobs (id, inbox, rel_path, state, size, mtime_ns, priority, created,"
             " updated) VALUES (?, ?, ?, 'seen', ?, ?, ?, ?, ?)",
-            (job.id, inbox, rel_path, size, mtime_ns, priority, now, now))
+            (job.id, inbox, _column_value(rel_path), size, mtime_ns, priority, now, now))
         self._remember(job, enqueue=False)
         return job
 
@@ -374,8 +380,18 @@ def _column_value(value: Any) -> Any:
     if isinstance(value, Enum):
         return value.value
     if isinstance(value, dict):
-        return json.dumps(value, sort_keys=True)
+        return json.dumps(value, sort_keys=True)  # ASCII: surrogate escapes survive
+    if isinstance(value, str) and not value.isascii():
+        return _storable(value)
     return value
+
+
+def _storable(text: str) -> str | bytes:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return os.fsencode(text)
+    return text
 
 
 class StateLock:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import functools
 import logging
 import os
+import queue
 import re
 import sys
+import threading
 from collections.abc import MutableMapping
 from typing import Any, TextIO
 
@@ -46,6 +50,43 @@ def wants_json(log_format: str, stream: TextIO) -> bool:
     return under_manager or not stream.isatty()
 
 
+class LogWriter:
+    """Log lines written out by a thread of their own, so that a slow disk or pipe never
+    holds up the event loop: `write` only queues. Lines queued together go out together;
+    everything queued is written before the process exits normally."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
+        self._thread.start()
+        atexit.register(self.close)
+
+    def write(self, text: str) -> None:
+        self._lines.put(text)
+
+    def flush(self) -> None:
+        return None  # the writer thread flushes each group it writes
+
+    def _run(self) -> None:
+        done = False
+        while not done:
+            group = [self._lines.get()]
+            with contextlib.suppress(queue.Empty):
+                while group[-1] is not None and len(group) < 1000:
+                    group.append(self._lines.get_nowait())
+            done = group[-1] is None
+            text = "".join(line for line in group if line is not None)
+            with contextlib.suppress(OSError, ValueError):  # a closed or broken stream
+                self._stream.write(text)
+                self._stream.flush()
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._lines.put(None)
+            self._thread.join(timeout=5)
+
+
 def configure(log_format: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
     out = stream or sys.stderr
     renderer: Any = (structlog.processors.JSONRenderer() if wants_json(log_format, out)
@@ -60,7 +101,7 @@ def configure(log_format: str = "auto", level: str = "info", stream: TextIO | No
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(out),
+        logger_factory=structlog.WriteLoggerFactory(LogWriter(out)),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
 

@@ -21,6 +21,7 @@ from traxd.folders import (
     fsync_dirs,
     move,
     remove_empty_parents,
+    scan,
     sidecar_path,
     unique_path,
     write_atomic,
@@ -58,6 +59,29 @@ class Mover:
 
     def __init__(self, folders: dict[str, InboxFolders]) -> None:
         self.folders = folders
+        # Outputs planned by jobs not yet finished: no other job may choose these names,
+        # even before the files exist (a restart between planning and publishing).
+        self.reserved: set[Path] = set()
+
+    def reserve(self, jobs: Sequence[Job]) -> None:
+        """At start-up: the output names that live jobs planned before a stop."""
+        for job in jobs:
+            self.reserved.update(Path(dest) for dest in (job.outputs or {}).values())
+
+    def adopt_strays(self, claimed: set[str]) -> list[tuple[Path, Path]]:
+        """Files in a processing/ folder that no live job claimed (a journal moved aside or
+        lost) go back into their inbox to be processed anew; returns (from, to) pairs."""
+        moved: list[tuple[Path, Path]] = []
+        for folders in self.folders.values():
+            if not folders.processing.is_dir():
+                continue
+            for rel in scan(folders.processing):
+                src = folders.processing / rel
+                if str(src) not in claimed:
+                    dest = unique_path(folders.inbox, rel)
+                    move(src, dest)
+                    moved.append((src, dest))
+        return moved
 
     # --- claim ------------------------------------------------------------------------------
 
@@ -113,8 +137,9 @@ class Mover:
         return self.plan_outputs(publishing), self.plan_finals(ending)
 
     def plan_outputs(self, endings: Sequence[Ending]) -> list[dict[str, str]]:
-        """Destinations of every output, unique across the batch and the folders."""
-        taken: set[Path] = set()
+        """Destinations of every output, unique across the batch, the folders and the names
+        other unfinished jobs hold."""
+        taken = self.reserved
         return [self._plan_outputs(ending, taken) for ending in endings]
 
     def _plan_outputs(self, ending: Ending, taken: set[Path]) -> dict[str, str]:
@@ -175,7 +200,10 @@ class Mover:
         fsync_dirs(synced)
         for path, stop in emptied:
             remove_empty_parents(path, stop)
-        for ending in endings:
+        for ending, error in zip(endings, errors, strict=True):
+            if error is None:
+                self.reserved.difference_update(
+                    Path(dest) for dest in (ending.job.outputs or {}).values())
             if ending.workdir is not None:
                 shutil.rmtree(ending.workdir, ignore_errors=True)
         return errors

@@ -2,8 +2,8 @@
 
 The order is the ready set's (inbox priority, then largest first); the pool keeps no queue
 of its own. A job holds a slot while its steps run. Its claim happens just before, while
-the previous job still holds the slot (at most as many jobs are claimed ahead as there are
-slots), and moving its files into place afterwards does not hold one: both are batched
+the previous job still holds the slot (at most AHEAD_PER_SLOT jobs per slot are claimed
+ahead), and moving its files into place afterwards does not hold one: both are batched
 bookkeeping, not work. At most `governor` allows hold slots at once, fewer while it holds
 admission. One job's failure or hang never touches another: each runs in its own task.
 """
@@ -20,6 +20,7 @@ from traxd.logs import get_logger
 from traxd.throttle import Governor
 
 OpenInboxes = Callable[[], Collection[str]]
+AHEAD_PER_SLOT = 2  # jobs claimed ahead per slot: a claim takes about as long as a short step
 
 
 class Slot:
@@ -66,7 +67,7 @@ class WorkerPool:
             self._fill()
 
     def _fill(self) -> None:
-        room = self._governor.current.allowed - len(self.ahead)
+        room = AHEAD_PER_SLOT * self._governor.current.allowed - len(self.ahead)
         if not self.accepting or room <= 0:
             return
         inboxes = self._open_inboxes()

@@ -115,15 +115,18 @@ async def _pump(
 
 
 async def _watch(proc: asyncio.subprocess.Process, limits: ProcessLimits, watch: _Watch) -> None:
+    """Every WATCH_INTERVAL, judge the tree's memory, time and progress (a program that
+    ends before the first look is never looked at: most commands are that quick)."""
     started = time.monotonic()
+    await asyncio.sleep(WATCH_INTERVAL)
     with contextlib.suppress(psutil.Error):
         root = psutil.Process(proc.pid)
         while proc.returncode is None:
-            await asyncio.sleep(WATCH_INTERVAL)
             watch.verdict = _verdict(root, limits, watch, started, time.monotonic())
             if watch.verdict is not None:
                 await stop_process(proc)
                 return
+            await asyncio.sleep(WATCH_INTERVAL)
 
 
 def _verdict(

@@ -179,7 +179,7 @@ class Store:
             for sql, params in batch:
                 self._conn.execute(sql, params)
             self._conn.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except Exception as exc:  # the writer must outlive any one bad group
             self._log.exception("journal_write_failed", statements=len(batch))
             if self._conn.in_transaction:
                 self._conn.execute("ROLLBACK")

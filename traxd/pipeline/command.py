@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from traxd.errors import Permanent
@@ -41,7 +42,7 @@ class CommandStep:
         out_dir = ctx.workdir / "out"
         out_dir.mkdir()
         argv = render_argv(self.template, {
-            "input": str(ctx.input.resolve()), "output_dir": str(out_dir.resolve()),
+            "input": str(ctx.input.absolute()), "output_dir": str(out_dir.absolute()),
             "stem": ctx.job.stem, "name": ctx.job.filename,
         })
         try:
@@ -52,8 +53,11 @@ class CommandStep:
             how = result.signal_name or f"exit status {result.returncode}"
             raise Permanent(f"{argv[0]} failed ({how}): {result.stderr_tail[-2000:]}",
                             reason="command")
-        artifacts = {p.name: p for p in sorted(out_dir.iterdir()) if p.is_file()}
-        return StepResult(artifacts=artifacts)
+        return StepResult(artifacts=await asyncio.to_thread(_files_in, out_dir))
 
     async def aclose(self) -> None:
         return None
+
+
+def _files_in(folder: Path) -> dict[str, Path]:
+    return {p.name: p for p in sorted(folder.iterdir()) if p.is_file()}
