@@ -285,7 +285,7 @@ async def test_the_same_name_dropped_again_while_the_first_runs_ends_apart(
     # When both run to their end at once
     outcomes = await asyncio.gather(h.run(first), h.run(second))
     # Then each original and its sidecar has a place of its own, nothing stays behind
-    assert outcomes == [Outcome.FAILED, Outcome.FAILED]
+    assert list(outcomes) == [Outcome.FAILED, Outcome.FAILED]
     assert files_under(h.folders.failed) == [
         "talk (1).mp3", "talk (1).mp3.error.json", "talk.mp3", "talk.mp3.error.json"]
     assert files_under(h.folders.processing) == []
