@@ -22,6 +22,7 @@ from traxd.config import Settings, StepSpec
 from traxd.errors import (
     BackendFatal,
     Category,
+    InternalError,
     Permanent,
     ResourceExceeded,
     Retry,
@@ -280,10 +281,10 @@ async def test_an_unexpected_exception_is_classified_and_its_traceback_logged(
     closing.append(rig.executor)
     # When it runs
     reply = await rig.run(rig.request("a"))
-    # Then it comes back as a permanent error named after the exception
-    assert reply.error == ErrorReply(Category.PERMANENT, "Permanent", "TypeError",
+    # Then it comes back as an internal error named after the exception
+    assert reply.error == ErrorReply(Category.INTERNAL, "InternalError", "TypeError",
                                      "'NoneType' is not iterable")
-    with pytest.raises(Permanent, match="'NoneType' is not iterable"):
+    with pytest.raises(InternalError, match="'NoneType' is not iterable"):
         reply.result()
     # And the traceback is in the log, at error level, with the step
     [logged] = [e for e in events(rig.out) if e["event"] == "step_error"]

@@ -133,15 +133,19 @@ async def test_retry_resumes_after_the_last_finished_step(settings: Settings) ->
     assert files_under(h.folders.outputs) == ["x.a", "x.b"]
 
 
-async def test_retries_are_capped_then_the_file_fails(settings: Settings) -> None:
-    errors: list[Exception] = [Retry("timeout", reason="timeout") for _ in range(10)]
-    h = Harness(settings, ScriptedStep("a", errors))
+@pytest.mark.parametrize(("error", "category", "reason"), [
+    (Retry("timeout", reason="timeout"), "retry", "timeout"),
+    (TypeError("'NoneType' is not iterable"), "internal", "TypeError"),  # a bug, not bad input
+])
+async def test_retries_are_capped_then_the_file_fails(settings: Settings, error: Exception,
+                                                      category: str, reason: str) -> None:
+    h = Harness(settings, ScriptedStep("a", [error] * 10))
     job = h.drop("x.mp3")
     outcomes = [await h.run(job) for _ in range(settings.daemon.max_retries + 1)]
     assert outcomes[:-1] == [Outcome.RETRY] * settings.daemon.max_retries
     assert outcomes[-1] is Outcome.FAILED
     sidecar = json.loads((h.folders.failed / "x.mp3.error.json").read_text())
-    assert sidecar["category"] == "retry"
+    assert (sidecar["category"], sidecar["reason"]) == (category, reason)
     assert sidecar["attempts"] == settings.daemon.max_retries + 1
 
 
@@ -292,3 +296,4 @@ async def test_the_same_name_dropped_again_while_the_first_runs_ends_apart(
     contents = {(h.folders.failed / n).read_bytes() for n in ("talk.mp3", "talk (1).mp3")}
     assert contents == {b"one", b"two"}
     assert h.journal.count("main", JobState.FAILED) == 2
+

@@ -157,6 +157,9 @@ def load_settings(explicit: str | os.PathLike[str] | None = None) -> Settings:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(str(path), "-", f"cannot read: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(path), "-", f"not UTF-8 text (byte {exc.start}): save it as "
+                          "UTF-8") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(path), "-", f"not valid TOML: {exc}") from exc
     return parse_settings(raw, source=path)

@@ -210,10 +210,15 @@ class Daemon:
         self.flags.stop.set()
 
     def reload(self) -> None:
+        """SIGHUP: the new configuration, or, if it cannot be loaded, the running one kept."""
         try:
             new = load_settings(self.settings.source)
         except ConfigError as exc:
             self.log.error("reload_failed", error=str(exc), kept="the running configuration")
+            return
+        except Exception as exc:  # e.g. a value no check foresaw: never fatal to the daemon
+            self.log.exception("reload_failed", error=repr(exc),
+                               kept="the running configuration")
             return
         self.apply(new)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import random
 from enum import Enum
 
@@ -10,6 +11,7 @@ class Category(str, Enum):
     RETRY = "retry"
     PERMANENT = "permanent"
     FATAL = "fatal"
+    INTERNAL = "internal"  # a bug (in traxd or a plug-in): logged with its traceback, retried
 
 
 class TraxdError(Exception):
@@ -57,6 +59,12 @@ class BackendFatal(TraxdError):
         self.backend = backend
 
 
+class InternalError(TraxdError):
+    """An exception nobody classified (a programming error): retried with back-off."""
+
+    category = Category.INTERNAL
+
+
 class StepTimeout(Retry):
     """A step ran past its time limit or made no progress for `stall_seconds`."""
 
@@ -91,18 +99,23 @@ def classify_http_status(status: int) -> Category:
 
 
 def classify_exception(exc: BaseException) -> Category:
-    """Category of any exception; unknown OS-level trouble is worth a retry."""
+    """Category of any exception: transient OS trouble is worth a retry, other OS errors
+    are permanent, and an exception nothing classified is internal (a bug)."""
     if isinstance(exc, TraxdError):
         return exc.category
     if isinstance(exc, TimeoutError | ConnectionError):
         return Category.RETRY
     if isinstance(exc, OSError):
         return Category.RETRY if exc.errno in _TRANSIENT_ERRNOS else Category.PERMANENT
-    return Category.PERMANENT
+    return Category.INTERNAL
 
 
-# EINTR, EAGAIN, ENOMEM, EBUSY, ENFILE, EMFILE, ENOSPC, ETIMEDOUT, ECONNREFUSED, …, EDQUOT
-_TRANSIENT_ERRNOS = frozenset({4, 11, 12, 16, 23, 24, 28, 110, 111, 112, 113, 122})
+# By name: the numbers differ between Linux and macOS.
+_TRANSIENT_ERRNOS = frozenset({
+    errno.EINTR, errno.EAGAIN, errno.ENOMEM, errno.EBUSY, errno.ENFILE, errno.EMFILE,
+    errno.ENOSPC, errno.ETIMEDOUT, errno.ECONNREFUSED, errno.EHOSTDOWN, errno.EHOSTUNREACH,
+    errno.EDQUOT,
+})
 
 
 def compute_backoff(

@@ -25,6 +25,7 @@ from traxd.config import Settings, StepSpec
 from traxd.errors import (
     BackendFatal,
     Category,
+    InternalError,
     Permanent,
     ResourceExceeded,
     Retry,
@@ -42,10 +43,12 @@ Progress = Callable[[float], None]
 
 # The traxd.errors classes a reply can name, and what each category falls back to.
 ERROR_CLASSES: dict[str, type[TraxdError]] = {
-    cls.__name__: cls for cls in (Retry, StepTimeout, ResourceExceeded, Permanent, BackendFatal)
+    cls.__name__: cls for cls in (Retry, StepTimeout, ResourceExceeded, Permanent, BackendFatal,
+                                  InternalError)
 }
 _BY_CATEGORY: dict[Category, type[TraxdError]] = {
     Category.RETRY: Retry, Category.PERMANENT: Permanent, Category.FATAL: BackendFatal,
+    Category.INTERNAL: InternalError,
 }
 
 

@@ -162,6 +162,7 @@ class JobRunner:
             if claimed is None:
                 log.info("file_changed_while_queued")
                 return Outcome.CHANGED
+            progress.step = "waiting for a worker"
             await slot.acquire()
             log.info("job_started", attempt=claimed.attempts + 1, step_index=claimed.step)
             state = await self.run_steps(claimed, progress, log)
@@ -281,7 +282,10 @@ class JobRunner:
             self.journal.hold(job, exc.backend, info)
             log.error("backend_paused", backend=exc.backend, step=step, error=info["message"])
             return Outcome.WAITING
-        if category is Category.RETRY and job.attempts < self.settings.daemon.max_retries:
+        if category is Category.INTERNAL:
+            metrics.INTERNAL_ERRORS.labels(step=step).inc()
+        retryable = category in (Category.RETRY, Category.INTERNAL)
+        if retryable and job.attempts < self.settings.daemon.max_retries:
             return self._retry(job, exc, info, step, log)
         log.error("job_failed", step=step, category=category.value, error=info["message"])
         await self.finishes.finish(Ending(job, JobState.FAILED, info,

@@ -64,6 +64,9 @@ RECONCILE_FOUND = Counter(
     "traxd_reconcile_found", "Files found by a reconcile scan that no event announced",
     ["inbox"], registry=REGISTRY)
 
+INTERNAL_ERRORS = Counter(
+    "traxd_internal_errors", "Exceptions nothing classified (bugs), by step; each is retried",
+    ["step"], registry=REGISTRY)
 EVENT_LOOP_LAG = Histogram(
     "traxd_event_loop_lag_seconds", "How much later than asked the event loop woke up",
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=REGISTRY)

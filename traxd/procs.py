@@ -19,6 +19,7 @@ from traxd.errors import ResourceExceeded, StepTimeout
 LineHandler = Callable[[str], None]
 
 WATCH_INTERVAL = 0.5
+PUMP_CHUNK = 1 << 16
 STOP_ESCALATION = ((signal.SIGINT, 2.0), (signal.SIGTERM, 3.0))
 
 
@@ -89,6 +90,8 @@ async def run_process(
             watcher = group.create_task(_watch(proc, limits, watch))
             await proc.wait()
             watcher.cancel()
+            # Whatever it started and left behind holds its pipes open: end them too.
+            _signal_group(proc.pid, signal.SIGKILL)
     except BaseException:
         await asyncio.shield(stop_process(proc))
         raise
@@ -104,19 +107,31 @@ async def _pump(
     handler: LineHandler | None,
     keep: bytearray | None,
 ) -> None:
+    """Read a stream in chunks (a program that writes `\\r` progress for hours never ends a
+    line); each whole line goes to `handler`, and a line longer than PUMP_CHUNK in pieces."""
     if stream is None:
         return
-    while line := await stream.readline():
+    pending = b""
+    while chunk := await stream.read(PUMP_CHUNK):
         watch.last_activity = time.monotonic()
         if keep is not None:
-            keep.extend(line)
-        if handler is not None:
-            handler(line.decode("utf-8", "replace").rstrip("\r\n"))
+            keep.extend(chunk)
+        if handler is None:
+            continue
+        *lines, pending = (pending + chunk).split(b"\n")
+        while len(pending) > PUMP_CHUNK:
+            lines.append(pending[:PUMP_CHUNK])
+            pending = pending[PUMP_CHUNK:]
+        for line in lines:
+            handler(line.decode("utf-8", "replace").rstrip("\r"))
+    if handler is not None and pending:
+        handler(pending.decode("utf-8", "replace").rstrip("\r"))
 
 
 async def _watch(proc: asyncio.subprocess.Process, limits: ProcessLimits, watch: _Watch) -> None:
     """Every WATCH_INTERVAL, judge the tree's memory, time and progress (a program that
-    ends before the first look is never looked at: most commands are that quick)."""
+    ends before the first look is never looked at: most commands are that quick). A program
+    that has exited while its output stays open left children holding the pipes: they end."""
     started = time.monotonic()
     await asyncio.sleep(WATCH_INTERVAL)
     with contextlib.suppress(psutil.Error):
@@ -127,6 +142,7 @@ async def _watch(proc: asyncio.subprocess.Process, limits: ProcessLimits, watch:
                 await stop_process(proc)
                 return
             await asyncio.sleep(WATCH_INTERVAL)
+    _signal_group(proc.pid, signal.SIGKILL)
 
 
 def _verdict(
