@@ -118,6 +118,26 @@ def test_a_name_that_is_not_utf8_is_processed_like_any_other(tmp_path: Path) -> 
         pass
 
 
+def test_files_in_sub_folders_claimed_while_others_finish_never_lose_their_folder(
+        tmp_path: Path) -> None:
+    # Given many files in a few sub-folders, and workers enough to claim some while others
+    # in the same folders finish (and their emptied folders are removed)
+    root, config, _ = setup_inbox(tmp_path, workers=8)
+    stage = tmp_path / "stage"
+    names = [f"d{n % 4}/f{n:03d}.mp3" for n in range(240)]
+    for name in names:
+        (stage / name).parent.mkdir(parents=True, exist_ok=True)
+        (stage / name).write_bytes(name.encode())
+    with running_daemon(config, tmp_path / "log"):
+        # When they are dropped a folder at a time
+        for folder in sorted(stage.iterdir()):
+            folder.rename(root / "inbox" / folder.name)
+        wait_until(lambda: settled_everything(root, len(names)), 120, message="all settled")
+    # Then every one is done; none failed on a folder that vanished under it
+    assert files_under(root / "failed") == []
+    assert files_under(root / "done") == sorted(names)
+
+
 def test_files_in_processing_that_the_journal_does_not_know_are_adopted(tmp_path: Path) -> None:
     # Given files left in processing/ with no journal (it was moved aside on advice, or lost)
     root, config, _ = setup_inbox(tmp_path)

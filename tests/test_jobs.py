@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import errno
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -297,3 +298,24 @@ async def test_the_same_name_dropped_again_while_the_first_runs_ends_apart(
     assert contents == {b"one", b"two"}
     assert h.journal.count("main", JobState.FAILED) == 2
 
+
+
+async def test_a_folder_swapped_for_a_link_after_queueing_leads_nowhere(
+        settings: Settings, tmp_path: Path) -> None:
+    # Given a queued file in a sub-folder of the inbox, and a secret of the same name outside
+    h = Harness(settings, ScriptedStep("a"))
+    job = h.drop("sub/talk.mp3", b"mine")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "talk.mp3").write_bytes(b"SECRET"[:job.size])  # same size and time: no tell
+    os.utime(outside / "talk.mp3", ns=(job.mtime_ns, job.mtime_ns))
+    # When the sub-folder is swapped for a link to the outside before the claim
+    (h.folders.inbox / "sub").rename(tmp_path / "moved-away")
+    (h.folders.inbox / "sub").symlink_to(outside)
+    outcome = await h.run(job)
+    # Then nothing is taken through the link: the outside file stays, and no content leaks
+    assert outcome is Outcome.FAILED
+    assert (outside / "talk.mp3").read_bytes() == b"SECR"
+    assert files_under(h.folders.done) == files_under(h.folders.outputs) == []
+    sidecar = json.loads((h.folders.failed / "sub/talk.mp3.error.json").read_text())
+    assert "symbolic link" in sidecar["message"]

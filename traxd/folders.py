@@ -187,6 +187,45 @@ def move(src: Path, dest: Path, later: set[Path] | None = None) -> None:
         _sync_dir(src.parent, later)
 
 
+class LinkOnPath(OSError):
+    """A folder between an inbox and a file is a symbolic link: nothing is taken through it."""
+
+
+def move_out_of(root: Path, rel: str, dest: Path, later: set[Path] | None = None) -> None:
+    """Rename root/rel to dest without following a symbolic link in any folder of rel.
+
+    Each folder is opened below the one before with O_NOFOLLOW, and the rename names the
+    file relative to the last one, so a folder swapped for a link after the file was seen
+    cannot lead outside `root` (LinkOnPath). Across filesystems, `move` takes over.
+    """
+    *folders, name = PurePosixPath(rel).parts
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for folder in folders:
+            try:
+                inner = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise LinkOnPath(exc.errno, f"{folder!r} on the way to {rel!r} is a "
+                                     "symbolic link or not a folder; traxd never follows links "
+                                     "out of an inbox") from exc
+                raise
+            os.close(fd)
+            fd = inner
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(name, dest, src_dir_fd=fd)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            move(root / rel, dest, later)
+            return
+    finally:
+        os.close(fd)
+    _sync_dir(dest.parent, later)
+    _sync_dir((root / rel).parent, later)
+
+
 def remove_empty_parents(path: Path, stop: Path) -> None:
     """Remove empty folders from path's parent up to, not including, stop."""
     folder = path.parent

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -16,10 +17,12 @@ from pathlib import Path, PurePosixPath
 from traxd.errors import Permanent
 from traxd.folders import (
     InboxFolders,
+    LinkOnPath,
     copy_atomic,
     describe_unprocessable,
     fsync_dirs,
     move,
+    move_out_of,
     remove_empty_parents,
     scan,
     sidecar_path,
@@ -62,6 +65,9 @@ class Mover:
         # Outputs planned by jobs not yet finished: no other job may choose these names,
         # even before the files exist (a restart between planning and publishing).
         self.reserved: set[Path] = set()
+        # Claims make sub-folders of processing/ and finishes remove the empty ones, in
+        # threads of their own: one at a time, so that no folder goes while in use.
+        self._folders_in_use = threading.Lock()
 
     def reserve(self, jobs: Sequence[Job]) -> None:
         """At start-up: the output names that live jobs planned before a stop."""
@@ -112,15 +118,21 @@ class Mover:
 
     def claim(self, plans: Sequence[ClaimPlan]) -> list[Exception | None]:
         """Rename each file into processing/ (a repeat completes a claim cut short)."""
+        with self._folders_in_use:
+            return self._claim(plans)
+
+    def _claim(self, plans: Sequence[ClaimPlan]) -> list[Exception | None]:
         synced: set[Path] = set()
         errors: list[Exception | None] = []
         for plan in plans:
             assert plan.dest is not None
-            src = self.folders[plan.job.inbox].inbox / plan.job.rel_path
+            inbox = self.folders[plan.job.inbox].inbox
             try:
-                if not os.path.lexists(plan.dest) and os.path.lexists(src):
-                    move(src, plan.dest, synced)
+                if not os.path.lexists(plan.dest) and os.path.lexists(inbox / plan.job.rel_path):
+                    move_out_of(inbox, plan.job.rel_path, plan.dest, synced)
                 errors.append(None)
+            except LinkOnPath as exc:
+                errors.append(Permanent(str(exc), reason="input"))
             except OSError as exc:
                 errors.append(exc)
         fsync_dirs(synced)
@@ -188,6 +200,11 @@ class Mover:
     def place(self, endings: Sequence[Ending], sidecars: Sequence[bytes | None]
               ) -> list[Exception | None]:
         """Move each original to its final path (a failure's sidecar beside it)."""
+        with self._folders_in_use:
+            return self._place_all(endings, sidecars)
+
+    def _place_all(self, endings: Sequence[Ending], sidecars: Sequence[bytes | None]
+                   ) -> list[Exception | None]:
         synced: set[Path] = set()
         errors: list[Exception | None] = []
         emptied: list[tuple[Path, Path]] = []
