@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import time
 from collections import deque
@@ -21,6 +22,19 @@ LineHandler = Callable[[str], None]
 WATCH_INTERVAL = 0.5
 PUMP_CHUNK = 1 << 16
 STOP_ESCALATION = ((signal.SIGINT, 2.0), (signal.SIGTERM, 3.0))
+
+
+# Environment variables that look like credentials: a child never inherits them (steps that
+# call an API do so inside the daemon, which reads the keys; programs started get none).
+CREDENTIAL_NAMES = re.compile(
+    r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH|COOKIE|SESSION|PRIVATE|_PAT$|DSN$", re.IGNORECASE)
+
+
+def child_environment(environ: Mapping[str, str] | None = None,
+                      **extra: str) -> dict[str, str]:
+    """The environment a child process gets: ours without anything credential-like."""
+    source = os.environ if environ is None else environ
+    return {**{k: v for k, v in source.items() if not CREDENTIAL_NAMES.search(k)}, **extra}
 
 
 @dataclass(frozen=True)
@@ -76,7 +90,7 @@ async def run_process(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         cwd=cwd,
-        env=dict(env) if env is not None else None,
+        env=dict(env) if env is not None else child_environment(),
         start_new_session=True,
     )
     watch = _Watch(time.monotonic())

@@ -250,3 +250,35 @@ def test_an_api_key_never_appears_in_any_artefact(short_root: Path, provider: Fa
     leaks = [name for name, text in artefacts.items()
              if KEY in text or "SECRETSECRET1234" in text]
     assert leaks == []
+
+
+ENV_DUMP = ("import os, sys\n"
+            "sys.stderr.write('\\n'.join(f'{k}={v}' for k, v in sorted(os.environ.items())))\n"
+            "sys.exit(3)\n")
+CREDENTIALS = {"DEEPSEEK_API_KEY": "dsk_9f8e7d6c5b4a39281706", "GITHUB_TOKEN": "ghp_abcdef12345",
+               "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI/K7MDENG", "PGPASSWORD": "hunter2hunter2"}
+
+
+@pytest.mark.parametrize("name", sorted(CREDENTIALS))
+def test_a_step_process_inherits_no_credentials(short_root: Path, tally: Tally,
+                                                name: str) -> None:
+    # Given a daemon with a credential in its environment, and a command that prints the
+    # environment it was given (on stderr, which ends in the failure sidecar) and fails
+    tally.bad_inputs.append(f"environment dump with {name}")
+    box = Box(short_root / "box").make()
+    config = write_config(short_root / "traxd.toml", base_daemon(short_root), [{
+        "name": "main", "path": str(box.inbox),
+        "pipeline": [{"command": [sys.executable, "-c", ENV_DUMP]}]}])
+    daemon = FaultDaemon(config, short_root / "log", env={name: CREDENTIALS[name]}).start()
+    tally.files_dropped += 1
+    try:
+        # When a file is processed
+        (box.inbox / "a.mp3").write_bytes(b"a")
+        wait_until(lambda: box.has_error("a.mp3"), 30, message="a.mp3 failed")
+    finally:
+        daemon.stop()
+    # Then the child saw the environment, but not the credential, so nothing can leak it
+    message = box.error_of("a.mp3")["message"]
+    assert "PATH=" in message
+    assert f"\n{name}=" not in message and CREDENTIALS[name] not in message
+    assert CREDENTIALS[name] not in daemon.log_text()

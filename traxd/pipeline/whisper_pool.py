@@ -28,7 +28,7 @@ from traxd.errors import (
     StepTimeout,
     TraxdError,
 )
-from traxd.procs import ProcessLimits, stop_process, tree_usage
+from traxd.procs import ProcessLimits, child_environment, stop_process, tree_usage
 
 WATCH_INTERVAL = 0.5
 STOP_GRACE = 5.0  # seconds an unloading process gets to exit by itself
@@ -51,7 +51,7 @@ class WorkerSpec:
                 "--compute-type", self.compute_type, "--threads", str(self.threads)]
 
     def env(self) -> dict[str, str]:
-        return {**os.environ, "OMP_NUM_THREADS": str(self.threads), "PYTHONUNBUFFERED": "1"}
+        return child_environment(OMP_NUM_THREADS=str(self.threads), PYTHONUNBUFFERED="1")
 
 
 class _Police:
