@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -239,3 +240,20 @@ def test_a_restart_stops_step_processes_left_by_a_killed_daemon(tmp_path: Path) 
         wait_until(lambda: not step.is_running() or step.status() == psutil.STATUS_ZOMBIE, 30,
                    message="the orphan stopped")
     assert "orphans_stopped" in (tmp_path / "log").read_text()
+
+
+def test_a_metrics_port_in_use_is_an_operator_message_not_a_traceback(tmp_path: Path) -> None:
+    # Given a config whose metrics address another program holds
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        _, config, _ = setup_inbox(tmp_path, metrics_address=f"127.0.0.1:{port}")
+        # When the daemon is started
+        result = subprocess.run([sys.executable, "-m", "traxd", "run", "--config", str(config)],
+                                capture_output=True, text=True, timeout=60, check=False)
+    # Then it says which key, why and what to do, and leaves no socket behind
+    assert result.returncode == 2
+    assert "daemon.metrics_address" in result.stderr and "in use" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "state" / "traxd.sock").exists()

@@ -130,29 +130,40 @@ class Daemon:
     async def serve(self) -> int:
         self.flags = Flags()
         self._install_signals()
+        try:
+            await self._start()
+            await self._main()
+        finally:
+            await self._shutdown()
+        return 0
+
+    async def _start(self) -> None:
         await self.open()
         await self.recover()
         metrics.set_build_info()
+        self.http = self._start_http()
         for inbox in self.settings.inboxes:
             mode = self.watchers.start(inbox)
             self.log.info("watching", inbox=inbox.name, path=str(inbox.path), mode=mode)
         await self.intake.reconcile(count_missed=False)
         self.control = ControlServer(self.operations, self.settings.daemon.state_dir / "traxd.sock")
         await self.control.start()
-        self.http = self._start_http()
         self.batcher.start(self.settings.daemon.batch_interval)
         sdnotify.notify("READY=1", f"STATUS=watching {len(self.settings.inboxes)} inboxes")
         self.log.info("ready", inboxes=[i.name for i in self.settings.inboxes],
                       workers=self.settings.daemon.workers)
-        try:
-            await self._main()
-        finally:
-            await self._shutdown()
-        return 0
 
     def _start_http(self) -> HttpServerHandle | None:
         address = self.settings.daemon.metrics_address
-        return start_http(address, self.operations) if address else None
+        if not address:
+            return None
+        try:
+            return start_http(address, self.operations)
+        except (OSError, ValueError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ConfigError(str(self.settings.source or "<config>"), "daemon.metrics_address",
+                              f"cannot listen on {address}: {why}; choose a free port, or \"\" "
+                              "to serve no metrics") from exc
 
     async def _main(self) -> None:
         async with asyncio.TaskGroup() as group:
@@ -270,6 +281,8 @@ class Daemon:
             self.lock.release()
             return
         self.batcher.shutdown()
+        if not hasattr(self, "control"):
+            self.flags.cold = True  # start-up failed: no work was promised a grace period
         grace = 0.0 if self.flags.cold else self.settings.daemon.shutdown_grace
         self.log.info("stopping", running=len(self.pool.running), grace_seconds=grace)
         await self.pool.stop(grace)
