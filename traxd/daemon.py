@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import shutil
 import signal
@@ -245,8 +246,12 @@ class Daemon:
             if old.get(name) != inbox:
                 self.watchers.start(inbox)
         self._swap_executor(new)
+        # Jobs of an inbox that was removed finish as they began; no new ones start.
+        departing = tuple(i for name, i in old.items() if name not in fresh and any(
+            job.inbox == name for job in self.journal.live(JobState.RUNNING)))
+        self.runner.configure(dataclasses.replace(new, inboxes=new.inboxes + departing))
         self.settings = self.operations.settings = new
-        for part in (self.runner, self.intake, self.gates):
+        for part in (self.intake, self.gates):
             part.configure(new)
         self.governor.cap = new.daemon.workers
         self.batcher.reschedule(new.daemon.batch_interval)

@@ -134,6 +134,38 @@ def test_sighup_adds_an_inbox_without_dropping_work_in_flight(short_root: Path,
     assert files_under(second.outputs) == ["new.txt"]
 
 
+def test_sighup_removing_an_inbox_lets_its_running_job_finish(short_root: Path,
+                                                              tally: Tally) -> None:
+    # Given two inboxes, the first with two steps and busy with its 2 s first one
+    first, second = Box(short_root / "a").make(), Box(short_root / "b").make()
+    ledger = short_root / "ledger"
+    daemon_table = base_daemon(short_root, settle_seconds=0.1)
+    two_steps = inbox("first", first, ledger, 2.0)
+    two_steps["pipeline"] = [*two_steps["pipeline"], {"command": ["true"]}]
+    config = write_config(short_root / "traxd.toml", daemon_table,
+                          [two_steps, inbox("second", second, ledger, 0.0)])
+    daemon = FaultDaemon(config, short_root / "log").start()
+    try:
+        (first.inbox / "inflight.mp3").write_bytes(b"in flight")
+        wait_until(lambda: started(daemon, "inflight.mp3"), 30, message="step started")
+        # When the first inbox is removed from the config and SIGHUP is sent
+        write_config(config, daemon_table, [inbox("second", second, ledger, 0.0)])
+        daemon.signal(signal.SIGHUP)
+        wait_until(lambda: any(e["event"] == "reloaded" for e in daemon.events()), 10,
+                   message="reloaded")
+        # Then its running job still finishes whole: original in done/, its output kept
+        wait_until(lambda: files_under(first.done) == ["inflight.mp3"], 30,
+                   message="inflight.mp3 done")
+        assert daemon.alive()
+        assert daemon.terminate() == 0
+    finally:
+        daemon.stop()
+    tally.files_dropped += 1
+    assert files_under(first.outputs) == ["inflight.txt"]
+    assert files_under(first.processing) == files_under(first.failed) == []
+    assert runs(ledger) == ["inflight.mp3"]
+
+
 def finish_and_check(config: Path, log: Path, box: Box, ledger: Path, names: list[str]) -> None:
     daemon = FaultDaemon(config, log).start()
     try:
