@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -16,6 +17,8 @@ from traxd.journal import Job, JobState, Journal
 from traxd.logs import get_logger
 from traxd.pool import WorkerPool
 from traxd.readyset import order_key
+
+RELEASE_SLICE = 5000  # fresh jobs released between two turns of the event loop
 
 
 def order_jobs(jobs: Iterable[Job]) -> list[Job]:
@@ -76,7 +79,11 @@ class Batcher:
             self.scheduler.shutdown(wait=False)
 
     async def tick(self) -> Batch | None:
-        released = self.journal.ready.release(self.clock())
+        now, ready = self.clock(), self.journal.ready
+        released = ready.release(now, RELEASE_SLICE)
+        while ready.waiting:  # a whole archive at once: let the loop breathe between slices
+            await asyncio.sleep(0)
+            released += ready.release(now, RELEASE_SLICE)
         self.publish_depth()
         self.pool.wake()
         if not released:

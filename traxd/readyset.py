@@ -43,10 +43,12 @@ class ReadySet:
         """A job became queued; it runs after the next release."""
         self._fresh.append(entry)
 
-    def release(self, now: float) -> list[Entry]:
-        """Make fresh and due deferred jobs available to `pop`; returns those released."""
+    def release(self, now: float, limit: int | None = None) -> list[Entry]:
+        """Make fresh and due deferred jobs available to `pop`; returns those released.
+        With `limit`, at most that many fresh ones (`waiting` says whether more are left)."""
         released: list[Entry] = []
-        fresh, self._fresh = self._fresh, []
+        cut = len(self._fresh) if limit is None else limit
+        fresh, self._fresh = self._fresh[:cut], self._fresh[cut:]
         for entry in fresh:
             if entry.not_before > now:
                 heapq.heappush(self._deferred, (entry.not_before, entry.job_id, entry))
@@ -56,9 +58,23 @@ class ReadySet:
             entry = heapq.heappop(self._deferred)[2]
             if self._is_current(entry):
                 released.append(entry)
+        by_inbox: dict[str, list[tuple[OrderKey, Entry]]] = {}
         for entry in released:
-            heapq.heappush(self._heaps.setdefault(entry.inbox, []), (entry.key, entry))
+            by_inbox.setdefault(entry.inbox, []).append((entry.key, entry))
+        for inbox, items in by_inbox.items():
+            self._merge(self._heaps.setdefault(inbox, []), items)
         return released
+
+    @staticmethod
+    def _merge(heap: list[tuple[OrderKey, Entry]], items: list[tuple[OrderKey, Entry]]) -> None:
+        """Add many at once in linear time (a whole archive released by one tick); a few,
+        one by one."""
+        if len(items) > len(heap) // 8:
+            heap.extend(items)
+            heapq.heapify(heap)
+        else:
+            for item in items:
+                heapq.heappush(heap, item)
 
     def pop(self, inboxes: Collection[str]) -> Entry | None:
         """The next job to run among these inboxes, or None."""
@@ -70,6 +86,11 @@ class ReadySet:
             if heap and (best is None or heap[0][0] < best[0][0]):
                 best = heap
         return heapq.heappop(best)[1] if best else None
+
+    @property
+    def waiting(self) -> bool:
+        """Whether fresh entries wait for a release."""
+        return bool(self._fresh)
 
     def next_due(self) -> float | None:
         """When the earliest deferred job falls due, if any."""
