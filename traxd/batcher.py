@@ -88,7 +88,7 @@ class Batcher:
         self.pool.wake()
         if not released:
             return None
-        size = -sum(entry.key[1] for entry in released)
+        size = -sum(entry.neg_size for entry in released)
         batch = Batch(uuid.uuid4().hex[:12], {e.job_id for e in released}, len(released), size)
         for job_id in batch.job_ids:
             self._batch_of[job_id] = batch

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import gc
 import os
 import shutil
 import signal
@@ -142,7 +141,6 @@ class Daemon:
     async def _start(self) -> None:
         await self.open()
         await self.recover()
-        gc.freeze()  # what start-up loaded (a backlog's jobs) lives on: spare it the GC passes
         metrics.set_build_info()
         self.http = self._start_http()
         for inbox in self.settings.inboxes:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from traxd.errors import AlreadyRunning, TraxdError
-from traxd.readyset import Entry, ReadySet, order_key
+from traxd.readyset import Entry, ReadySet
 from traxd.store import (
     DONE_FILES,
     DONE_WITH_HASH,
@@ -357,8 +357,8 @@ class Journal:
             self._claiming[job.key] = job.id
         if enqueue and job.state is S.QUEUED:
             version = self._versions[job.id] = next(self._version_seq)
-            self.ready.add(Entry(job.inbox, order_key(job.priority, job.size, job.id),
-                                 job.not_before, version))
+            self.ready.add(Entry(job.priority, -job.size, job.id, version, job.inbox,
+                                 job.not_before))
 
     def _drop(self, job: Job, *, keep_entry: bool = False) -> None:
         del self._live[job.id]

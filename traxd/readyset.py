@@ -10,25 +10,31 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from typing import NamedTuple
 
-OrderKey = tuple[int, int, int]  # (priority, -size, id): defined here once
+OrderKey = tuple[int, int, int]  # (priority, -size, id)
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
-    inbox: str
-    key: OrderKey
-    not_before: float
+class Entry(NamedTuple):
+    """A queued job in the ready set. Entries compare as the order the jobs run in (the
+    first three fields: lower priority value first, then the largest file first (LPT), then
+    the oldest); the id is unique, so the rest never takes part. A plain tuple: small, and
+    left alone by the garbage collector."""
+
+    priority: int
+    neg_size: int
+    job_id: int
     version: int  # which time the job was queued: an older entry of the same job is stale
+    inbox: str
+    not_before: float
 
     @property
-    def job_id(self) -> int:
-        return self.key[2]
+    def key(self) -> OrderKey:
+        return (self.priority, self.neg_size, self.job_id)
 
 
 def order_key(priority: int, size: int, job_id: int) -> OrderKey:
-    """Lower priority value first, then the largest file first (LPT), then the oldest."""
+    """The order jobs run in (Entry compares the same way)."""
     return (priority, -size, job_id)
 
 
@@ -37,7 +43,7 @@ class ReadySet:
         self._is_current = is_current
         self._fresh: list[Entry] = []
         self._deferred: list[tuple[float, int, Entry]] = []
-        self._heaps: dict[str, list[tuple[OrderKey, Entry]]] = {}
+        self._heaps: dict[str, list[Entry]] = {}
 
     def add(self, entry: Entry) -> None:
         """A job became queued; it runs after the next release."""
@@ -58,15 +64,15 @@ class ReadySet:
             entry = heapq.heappop(self._deferred)[2]
             if self._is_current(entry):
                 released.append(entry)
-        by_inbox: dict[str, list[tuple[OrderKey, Entry]]] = {}
+        by_inbox: dict[str, list[Entry]] = {}
         for entry in released:
-            by_inbox.setdefault(entry.inbox, []).append((entry.key, entry))
+            by_inbox.setdefault(entry.inbox, []).append(entry)
         for inbox, items in by_inbox.items():
             self._merge(self._heaps.setdefault(inbox, []), items)
         return released
 
     @staticmethod
-    def _merge(heap: list[tuple[OrderKey, Entry]], items: list[tuple[OrderKey, Entry]]) -> None:
+    def _merge(heap: list[Entry], items: list[Entry]) -> None:
         """Add many at once in linear time (a whole archive released by one tick); a few,
         one by one."""
         if len(items) > len(heap) // 8:
@@ -78,14 +84,14 @@ class ReadySet:
 
     def pop(self, inboxes: Collection[str]) -> Entry | None:
         """The next job to run among these inboxes, or None."""
-        best: list[tuple[OrderKey, Entry]] | None = None
+        best: list[Entry] | None = None
         for name in inboxes:
             heap = self._heaps.get(name)
-            while heap and not self._is_current(heap[0][1]):
+            while heap and not self._is_current(heap[0]):
                 heapq.heappop(heap)
-            if heap and (best is None or heap[0][0] < best[0][0]):
+            if heap and (best is None or heap[0] < best[0]):
                 best = heap
-        return heapq.heappop(best)[1] if best else None
+        return heapq.heappop(best) if best else None
 
     @property
     def waiting(self) -> bool:
