@@ -319,3 +319,23 @@ async def test_a_folder_swapped_for_a_link_after_queueing_leads_nowhere(
     assert files_under(h.folders.done) == files_under(h.folders.outputs) == []
     sidecar = json.loads((h.folders.failed / "sub/talk.mp3.error.json").read_text())
     assert "symbolic link" in sidecar["message"]
+
+
+@pytest.mark.parametrize("error", [Retry("HTTP 503 from the chat model", reason="http"),
+                                   Permanent("HTTP 400: context too long", reason="http")])
+async def test_a_failed_enhancement_keeps_the_finished_transcript(settings: Settings,
+                                                                  error: Exception) -> None:
+    # Given a transcript step that works and an enhancement that fails every time
+    h = Harness(settings, ScriptedStep("txt"), ScriptedStep("enhance", [error] * 10))
+    job = h.drop("talk.mp3")
+    # When the job runs until the enhancement's retries are spent (or it fails for good)
+    outcomes = [await h.run(job) for _ in range(settings.daemon.max_retries + 1)
+                if job.id in h.journal]
+    # Then the file is done, with the transcript published and a warning beside it
+    assert outcomes[-1] is Outcome.DONE
+    assert files_under(h.folders.done) == ["talk.mp3"]
+    assert files_under(h.folders.outputs) == ["talk.txt", "talk.warnings.json"]
+    warning = json.loads((h.folders.outputs / "talk.warnings.json").read_text())
+    assert warning["warnings"][0]["step"] == "enhance"
+    assert error.args[0] in warning["warnings"][0]["message"]
+    assert files_under(h.folders.failed) == []

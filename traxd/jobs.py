@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
 from structlog.typing import FilteringBoundLogger
@@ -30,6 +30,9 @@ from traxd.moves import Ending, Mover
 from traxd.pipeline.base import JobInfo
 from traxd.pipeline.registry import step_label
 from traxd.stages import ClaimStage, FinishStage
+
+# Steps whose failure is a warning on the file, not its failure: what came before is kept.
+OPTIONAL_STEPS = frozenset({"enhance"})
 
 
 class Outcome(str, Enum):
@@ -287,10 +290,31 @@ class JobRunner:
         retryable = category in (Category.RETRY, Category.INTERNAL)
         if retryable and job.attempts < self.settings.daemon.max_retries:
             return self._retry(job, exc, info, step, log)
+        if step in OPTIONAL_STEPS and (kept := await self._publish_without(job, info, log)):
+            return kept
         log.error("job_failed", step=step, category=category.value, error=info["message"])
         await self.finishes.finish(Ending(job, JobState.FAILED, info,
                                           workdir=self._workdir(job.id)))
         return Outcome.FAILED
+
+    async def _publish_without(self, job: Job, info: dict[str, Any],
+                               log: FilteringBoundLogger) -> Outcome | None:
+        """An optional step failed for good: what the steps before it made is published,
+        with a warnings file beside it, and the file is done. None when nothing was made."""
+        state = await asyncio.to_thread(self._load_state, job) if job.step else None
+        if state is None or not state.artifacts:
+            return None
+        stem = PurePosixPath(job.rel_path).stem
+        note = self._workdir(job.id) / "warnings" / f"{stem}.warnings.json"
+        body = {"file": job.rel_path, "warnings": [
+            {k: info[k] for k in ("step", "category", "reason", "message", "attempts")}]}
+        await asyncio.to_thread(write_atomic, note, (json.dumps(body, indent=2) + "\n").encode())
+        log.warning("optional_step_failed", step=info["step"], error=info["message"],
+                    published=sorted(state.artifacts))
+        await self.finishes.finish(Ending(
+            job, JobState.DONE, None, {**state.artifacts, note.name: str(note)}, state.spawn,
+            self._workdir(job.id)))
+        return Outcome.DONE
 
     def _retry(self, job: Job, exc: Exception, info: dict[str, Any], step: str,
                log: FilteringBoundLogger) -> Outcome:
