@@ -339,3 +339,14 @@ async def test_a_failed_enhancement_keeps_the_finished_transcript(settings: Sett
     assert warning["warnings"][0]["step"] == "enhance"
     assert error.args[0] in warning["warnings"][0]["message"]
     assert files_under(h.folders.failed) == []
+
+
+async def test_a_retry_after_longer_than_the_back_off_cap_is_capped(settings: Settings) -> None:
+    # Given a step whose provider says Retry-After: one day
+    h = Harness(settings, ScriptedStep("a", [Retry("HTTP 429", reason="http_429", defer=86400)]))
+    job = h.drop("x.mp3")
+    # When it is retried
+    assert await h.run(job) is Outcome.RETRY
+    # Then it waits no longer than retry_backoff_max
+    again = h.journal.get(job.id)
+    assert again.not_before - again.updated <= settings.daemon.retry_backoff_max + 1e-6

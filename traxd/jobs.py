@@ -319,8 +319,9 @@ class JobRunner:
     def _retry(self, job: Job, exc: Exception, info: dict[str, Any], step: str,
                log: FilteringBoundLogger) -> Outcome:
         daemon = self.settings.daemon
-        delay = exc.defer if isinstance(exc, Retry) and exc.defer is not None else None
-        if delay is None:
+        if isinstance(exc, Retry) and exc.defer is not None:  # Retry-After, within bounds
+            delay = min(exc.defer, daemon.retry_backoff_max)
+        else:
             delay = compute_backoff(job.attempts + 1, factor=daemon.retry_backoff,
                                     max_backoff=daemon.retry_backoff_max)
         self.journal.retry(job, self.clock() + delay, info)

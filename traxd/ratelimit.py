@@ -8,6 +8,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
+MAX_HOLD = 120.0  # seconds a provider's Retry-After may hold all its requests
 WINDOW = 60.0  # seconds
 
 
@@ -41,9 +42,12 @@ class RateLimiter:
             await self._wait_turn()
             yield
 
-    def hold(self, seconds: float) -> None:
-        """No request starts during the next `seconds`."""
-        self._hold_until = max(self._hold_until, self._clock() + seconds)
+    def hold(self, seconds: float) -> float:
+        """No request starts during the next `seconds`, at most MAX_HOLD: one answer's
+        Retry-After must not stall every job of the provider for a day. Returns the hold."""
+        held = min(max(seconds, 0.0), MAX_HOLD)
+        self._hold_until = max(self._hold_until, self._clock() + held)
+        return held
 
     def delay(self) -> float:
         """Seconds the next request would wait now."""

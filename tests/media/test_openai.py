@@ -15,7 +15,7 @@ from traxd.metrics import REGISTRY
 from traxd.pipeline.ffmpeg import PreprocessStep
 from traxd.pipeline.formats import Segment, Transcript
 from traxd.pipeline.transcribe import TranscribeStep
-from traxd.ratelimit import RateLimiter
+from traxd.ratelimit import MAX_HOLD, RateLimiter
 
 from .conftest import ContextFactory, Media, with_changes
 from .helpers import ffprobe_stream
@@ -195,6 +195,19 @@ async def test_limiter_hold_pauses_everyone() -> None:
     async with limiter.slot():
         pass
     assert clock.slept == [7.0]
+
+
+async def test_a_day_long_retry_after_holds_the_provider_only_briefly() -> None:
+    # Given a provider answering 429 with Retry-After: 86400
+    clock = FakeClock()
+    limiter = RateLimiter(0, 10, clock=clock, sleep=clock.sleep)
+    # When the limiter is told to hold
+    held = limiter.hold(86400.0)
+    async with limiter.slot():
+        pass
+    # Then every other job waits at most MAX_HOLD, not a day
+    assert held == MAX_HOLD
+    assert clock.slept == [MAX_HOLD]
 
 
 async def test_limiter_bounds_requests_in_flight() -> None:

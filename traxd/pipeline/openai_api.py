@@ -14,7 +14,7 @@ from openai import AsyncOpenAI
 
 from traxd import metrics
 from traxd.errors import BackendFatal, Category, Permanent, Retry, TraxdError, classify_http_status
-from traxd.logs import redact_text
+from traxd.logs import get_logger, redact_text
 from traxd.ratelimit import RateLimiter
 
 T = TypeVar("T")
@@ -113,7 +113,9 @@ class OpenAIEndpoint:
         self._count(str(status or "error"))
         error = translate(exc, provider=self.provider, backend=self.backend)
         if status == 429 and isinstance(error, Retry) and error.defer:
-            self.limiter.hold(error.defer)
+            held = self.limiter.hold(error.defer)
+            get_logger(component="api", provider=self.provider).warning(
+                "provider_rate_limited", retry_after=error.defer, holding_requests_for=held)
         return error
 
     def _count(self, status: str) -> None:
