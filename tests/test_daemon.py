@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -257,3 +260,33 @@ def test_a_metrics_port_in_use_is_an_operator_message_not_a_traceback(tmp_path: 
     assert "daemon.metrics_address" in result.stderr and "in use" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "state" / "traxd.sock").exists()
+
+
+def readyz(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url + "/readyz", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_an_inbox_deleted_and_made_again_is_watched_again(tmp_path: Path) -> None:
+    # Given a running daemon with its metrics endpoint
+    root, config, _ = setup_inbox(tmp_path, metrics_address="127.0.0.1:0",
+                                  reconcile_interval="10m")
+    with running_daemon(config, tmp_path / "log") as daemon:
+        url = json.loads(next(line for line in daemon.log_text().splitlines()
+                              if '"http_listening"' in line))["url"]
+        assert readyz(url)[0] == 200
+        # When the inbox folder is deleted
+        shutil.rmtree(root / "inbox")
+        # Then the daemon says it is not ready, and why
+        wait_until(lambda: readyz(url)[0] == 503, 30, message="not ready")
+        body = readyz(url)[1]
+        assert "inbox folder missing" in body and "main" in body
+        # And when it is made again, a file dropped into it is processed at once (no rescan)
+        (root / "inbox").mkdir()
+        wait_until(lambda: '"watch_rearmed"' in daemon.log_text(), 30, message="rearmed")
+        (root / "inbox" / "back.mp3").write_bytes(b"back")
+        wait_until(lambda: files_under(root / "done") == ["back.mp3"], 30, message="back done")
+        assert readyz(url)[0] == 200

@@ -84,7 +84,7 @@ class Daemon:
         self.batcher = Batcher(self.journal, self.pool)
         self.operations = Operations(settings, Parts(
             self.journal, self.pool, self.gates, self.backends, self.runner, self.governor,
-            self.watchers.alive))
+            self.watchers.alive, lambda: self.watchers.missing))
         await asyncio.to_thread(_create_folders, settings)
 
     def _executor(self, settings: Settings) -> LocalExecutor:
@@ -184,9 +184,30 @@ class Daemon:
             self.operations.beat()
             self.governor.evaluate()
             self.pool.wake()
+            await self._rewatch(await asyncio.to_thread(self.watchers.changed))
             if watchdog is not None and self.watchers.alive():
                 sdnotify.notify("WATCHDOG=1")
             await asyncio.sleep(GOVERNOR_INTERVAL)
+
+    async def _rewatch(self, changed: list[str]) -> None:
+        """An inbox folder removed loses its watch (not ready meanwhile); one there again, or
+        replaced, is watched anew and scanned."""
+        for name in changed:
+            inbox = next((i for i in self.settings.inboxes if i.name == name), None)
+            self.watchers.stop(name)
+            if inbox is None:
+                continue
+            if not await asyncio.to_thread(inbox.path.is_dir):
+                if name not in self.watchers.missing:
+                    self.log.error("inbox_missing", inbox=name, path=str(inbox.path),
+                                   fix="create the folder again; traxd watches it when it is back")
+                self.watchers.missing.add(name)
+                self.watchers.track(inbox)
+                continue
+            await asyncio.to_thread(_create_folders, self.settings)
+            self.watchers.start(inbox)
+            self.log.warning("watch_rearmed", inbox=name, path=str(inbox.path))
+            await self.intake.reconcile_inbox(inbox, count_missed=False)
 
     async def _reconcile_loop(self) -> None:
         while True:

@@ -40,6 +40,7 @@ class Parts:
     runner: JobRunner
     governor: Governor
     watchers_alive: Callable[[], bool]
+    inboxes_missing: Callable[[], set[str]]
 
 
 class Operations:
@@ -175,6 +176,8 @@ class Operations:
     def ready(self) -> tuple[bool, str]:
         if not self.parts.watchers_alive():
             return False, "a watcher has stopped"
+        if missing := self.parts.inboxes_missing():
+            return False, "inbox folder missing (not watched): " + ", ".join(sorted(missing))
         if (problem := self.parts.journal.store.problem) is not None:
             return False, f"the journal is not writable: {problem}"
         if self.parts.backends.paused:

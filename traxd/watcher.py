@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import os
+import stat
 import sys
 import threading
 from collections.abc import Callable
@@ -228,6 +229,8 @@ class Watchers:
         self._observers: dict[str, BaseObserver] = {}
         self._mailbox: _Mailbox | None = None
         self.modes: dict[str, str] = {}
+        self._watched: dict[str, tuple[Path, tuple[int, int] | None]] = {}  # folder, identity
+        self.missing: set[str] = set()  # inboxes whose folder is gone: not watched now
 
     def start(self, inbox: InboxSettings) -> str:
         """Watch an inbox (call it on the loop); returns the mode ("native" or "polling")."""
@@ -243,8 +246,20 @@ class Watchers:
         observer.daemon = True
         observer.start()
         self._observers[inbox.name] = observer
+        self._watched[inbox.name] = (inbox.path, identity(inbox.path))
+        self.missing.discard(inbox.name)
         self.modes[inbox.name] = "polling" if polling else "native"
         return self.modes[inbox.name]
+
+    def track(self, inbox: InboxSettings) -> None:
+        """Remember a missing inbox folder, so that `changed` reports it when it is back."""
+        self._watched[inbox.name] = (inbox.path, None)
+
+    def changed(self) -> list[str]:
+        """Inboxes whose folder was removed, or replaced by another, since they were
+        watched: their watch sees nothing any more. Blocking (a stat each): not on the loop."""
+        return [name for name, (path, was) in list(self._watched.items())
+                if identity(path) != was]
 
     @property
     def wakeups(self) -> int:
@@ -258,6 +273,7 @@ class Watchers:
     def stop(self, name: str) -> None:
         observer = self._observers.pop(name, None)
         self.modes.pop(name, None)
+        self._watched.pop(name, None)
         if observer is not None:
             observer.stop()
             observer.join(timeout=5)
@@ -268,6 +284,15 @@ class Watchers:
 
     def alive(self) -> bool:
         return all(observer.is_alive() for observer in self._observers.values())
+
+
+def identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of a folder, or None when there is none."""
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino) if stat.S_ISDIR(info.st_mode) else None
 
 
 # --- settling -------------------------------------------------------------------------------
