@@ -52,4 +52,6 @@ async def test_a_command_that_leaves_a_child_behind_ends_when_it_exits(tmp_path:
     # Then the step is over at once, and the child it left is gone too
     assert result.returncode == 0
     child = int(pid_file.read_text())
-    assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
+    async with asyncio.timeout(10):  # SIGKILL is delivered asynchronously
+        while psutil.pid_exists(child) and psutil.Process(child).status() != psutil.STATUS_ZOMBIE:
+            await asyncio.sleep(0.01)

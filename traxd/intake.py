@@ -206,14 +206,6 @@ class Intake:
                           for name, inbox in self.inboxes.items()}
         self.settler.settle_seconds = settings.daemon.settle_seconds
 
-    def known(self, key: Key) -> bool:
-        """Intake or the journal has this file in hand (a job claiming it counts: whether
-        its rename happened is for the next probe, off the loop, to find out)."""
-        return (key in self.settler or key in self._hashing or key in self._probing
-                or key[1] in self._dirty.get(key[0], ())
-                or self.journal.unclaimed(*key) is not None
-                or self.journal.claiming(*key) is not None)
-
     @property
     def idle(self) -> bool:
         """Nothing announced is waiting for a thread hop (files may still be settling)."""

@@ -88,6 +88,7 @@ class Progress:
     step: str = "claim"
     fraction: float = 0.0
     started: float = field(default_factory=time.time)
+    working: bool = False  # holds a worker slot: its steps run (claimed ahead until then)
 
 
 @dataclass
@@ -167,6 +168,7 @@ class JobRunner:
                 return Outcome.CHANGED
             progress.step = "waiting for a worker"
             await slot.acquire()
+            progress.working = True
             log.info("job_started", attempt=claimed.attempts + 1, step_index=claimed.step)
             state = await self.run_steps(claimed, progress, log)
             slot.release()

@@ -125,9 +125,11 @@ class Operations:
 
     def _inbox(self, name: str, schedule: str, now: float) -> dict[str, Any]:
         journal, gates = self.parts.journal, self.parts.gates
-        running = [self._running(job_id) for job_id in list(self.parts.runner.progress)
-                   if job_id in journal and journal.get(job_id).inbox == name]
-        queued = journal.count(name, JobState.QUEUED, JobState.SEEN)
+        mine = [(job_id, progress) for job_id, progress in list(self.parts.runner.progress.items())
+                if job_id in journal and journal.get(job_id).inbox == name]
+        running = [self._running(job_id) for job_id, progress in mine if progress.working]
+        ahead = len(mine) - len(running)  # claimed, waiting for a worker: still queued
+        queued = journal.count(name, JobState.QUEUED, JobState.SEEN) + ahead
         rate = self._rate(name, now)
         pending = queued + len(running)
         opens = gates.windows[name].next_open(datetime.fromtimestamp(now).astimezone())

@@ -91,7 +91,7 @@ class WorkerPool:
 
     def _grant(self) -> None:
         """Hand free slots to the jobs waiting for one, first come first served."""
-        while self._waiting and self._governor.may_start(len(self.busy)):
+        while self.accepting and self._waiting and self._governor.may_start(len(self.busy)):
             job_id, future = self._waiting.popleft()
             if future.done():  # its job was cancelled while it waited
                 continue
@@ -113,8 +113,13 @@ class WorkerPool:
             self._log.error("job_crashed", job_id=job_id, error=repr(exc), exc_info=exc)
 
     async def stop(self, grace: float) -> None:
-        """Take no more work; let running jobs finish for `grace` seconds, then cancel them."""
+        """Take no more work; let running jobs finish for `grace` seconds, then cancel them.
+        Jobs claimed ahead that hold no slot yet go back at once (they resume at the next
+        start, from processing/)."""
         self.accepting = False
+        for job_id in list(self.ahead):
+            if (task := self.running.get(job_id)) is not None:
+                task.cancel()
         if self.running and grace > 0:
             await asyncio.wait(list(self.running.values()), timeout=grace)
         await self.cancel_all()

@@ -97,11 +97,3 @@ class ReadySet:
     def waiting(self) -> bool:
         """Whether fresh entries wait for a release."""
         return bool(self._fresh)
-
-    def next_due(self) -> float | None:
-        """When the earliest deferred job falls due, if any."""
-        return self._deferred[0][0] if self._deferred else None
-
-    def released(self) -> int:
-        """Entries released and not yet popped (stale ones included)."""
-        return sum(len(heap) for heap in self._heaps.values())
