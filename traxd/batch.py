@@ -98,6 +98,7 @@ class BatchRun:
                 for job in jobs:
                     group.create_task(one(job))
         await self.runner.close()
+        await asyncio.to_thread(self.journal.sync)  # the report reads what is written
         await asyncio.to_thread(self._report)
         self.journal.close()
         return 1 if self.tally.failed else 0

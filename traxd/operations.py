@@ -78,6 +78,7 @@ class Operations:
     async def retry(self, names: list[str] | None) -> dict[str, Any]:
         """Put failed files back into their inbox (all, or those named) to be processed anew."""
         folders = self.parts.runner.folders
+        await self.parts.journal.durable()  # a file failed a moment ago is on disk too
         failed = await asyncio.to_thread(self.parts.journal.failed)
         wanted = [j for j in failed if j.inbox in folders and (
             names is None or j.rel_path in names or Path(j.rel_path).name in names)]
