@@ -21,7 +21,7 @@ from traxd.folders import InboxFolders
 from traxd.jobs import BackendGate, JobRunner, Outcome
 from traxd.journal import Job, JobState, Journal
 from traxd.moves import Ending, Mover
-from traxd.pipeline.base import StepContext, StepResult
+from traxd.pipeline.base import RECORD_WHEN_DONE, StepContext, StepResult
 from traxd.pipeline.command import render_argv
 from traxd.pipeline.registry import StepRegistry
 
@@ -350,3 +350,37 @@ async def test_a_retry_after_longer_than_the_back_off_cap_is_capped(settings: Se
     # Then it waits no longer than retry_backoff_max
     again = h.journal.get(job.id)
     assert again.not_before - again.updated <= settings.daemon.retry_backoff_max + 1e-6
+
+
+@dataclass
+class RecordingStep:
+    """Asks for a line in a file once the job is done (as the download archive does)."""
+
+    ledger: Path
+    name: str = "fetch"
+
+    async def run(self, ctx: StepContext) -> StepResult:
+        return StepResult(facts={RECORD_WHEN_DONE: [{"file": str(self.ledger),
+                                                     "line": ctx.job.name}]})
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_a_record_is_written_only_when_the_job_is_done(settings: Settings,
+                                                             tmp_path: Path) -> None:
+    # Given a first step that asks for a record (a download archive line), then a step
+    # that fails once for good and works the next time
+    ledger = tmp_path / "archive.txt"
+    fetch, later = RecordingStep(ledger), ScriptedStep("b", [Permanent("bad answer")])
+    h = Harness(settings, later)
+    h.settings = with_pipeline(h.settings, "fetch", "b")
+    h.registry.register("fetch", fetch)
+    h.runner.configure(h.settings)
+    # When the file fails in the later step
+    assert await h.run(h.drop("talk.mp3")) is Outcome.FAILED
+    # Then nothing is recorded, so a retry of the file is not refused as already done
+    assert not ledger.exists()
+    # And when it is done, the record is written once
+    assert await h.run(h.drop("talk2.mp3")) is Outcome.DONE
+    assert ledger.read_text() == "talk2.mp3\n"

@@ -226,6 +226,17 @@ def move_out_of(root: Path, rel: str, dest: Path, later: set[Path] | None = None
     _sync_dir((root / rel).parent, later)
 
 
+def append_lines(records: list[tuple[Path, str]]) -> None:
+    """Append each line to its file (made when missing), synced: a record that must
+    outlive a crash, such as the download archive."""
+    for path, line in records:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
 def remove_empty_parents(path: Path, stop: Path) -> None:
     """Remove empty folders from path's parent up to, not including, stop."""
     folder = path.parent

@@ -23,11 +23,11 @@ from traxd import metrics
 from traxd.config import Settings, StepSpec
 from traxd.errors import BackendFatal, Category, Retry, classify_exception, compute_backoff
 from traxd.executor import LocalExecutor, StepReply, build_request
-from traxd.folders import InboxFolders, write_atomic
+from traxd.folders import InboxFolders, append_lines, write_atomic
 from traxd.journal import Job, JobState, Journal
 from traxd.logs import get_logger, redact_text
 from traxd.moves import Ending, Mover
-from traxd.pipeline.base import JobInfo
+from traxd.pipeline.base import RECORD_WHEN_DONE, JobInfo
 from traxd.pipeline.registry import step_label
 from traxd.stages import ClaimStage, FinishStage
 
@@ -177,7 +177,19 @@ class JobRunner:
         except Exception as exc:
             return await self.handle_error(job, exc, progress.step, log)
         self._count_done(done, state, self.clock() - started)
+        await self._record_done(state, log)
         return Outcome.DONE
+
+    async def _record_done(self, state: PipelineState, log: FilteringBoundLogger) -> None:
+        """Lines the steps asked to have written once the job is done (RECORD_WHEN_DONE)."""
+        records = [(Path(r["file"]), str(r["line"]))
+                   for r in state.facts.get(RECORD_WHEN_DONE) or ()]
+        if not records:
+            return
+        try:
+            await asyncio.to_thread(append_lines, records)
+        except OSError as exc:  # the file is done; only its record is missing
+            log.error("record_failed", error=str(exc), files=sorted({str(p) for p, _ in records}))
 
     async def _publish(self, job: Job, state: PipelineState) -> Job:
         try:
@@ -316,6 +328,7 @@ class JobRunner:
         await self.finishes.finish(Ending(
             job, JobState.DONE, None, {**state.artifacts, note.name: str(note)}, state.spawn,
             self._workdir(job.id)))
+        await self._record_done(state, log)
         return Outcome.DONE
 
     def _retry(self, job: Job, exc: Exception, info: dict[str, Any], step: str,

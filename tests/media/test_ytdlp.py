@@ -15,6 +15,8 @@ import pytest
 
 from traxd.config import Settings
 from traxd.errors import Permanent
+from traxd.folders import append_lines
+from traxd.pipeline.base import RECORD_WHEN_DONE
 from traxd.pipeline.ffmpeg import find_tools, probe
 from traxd.pipeline.ytdlp import DownloadStep, read_links
 from traxd.procs import ProcessLimits
@@ -68,9 +70,13 @@ async def test_a_link_is_downloaded_as_media_with_info_json(
     assert info.audio[0].codec == "mp3"
     assert set(result.artifacts) == {"talk.info.json"}
     assert result.facts["url"] == f"{site}/clip.mp3" and not result.spawn
-    # And the link is in the archive: the second time it is refused
+    # And the link goes into the archive only when the whole job is done, not yet
     archive = tmp_path / "state" / "download-archive.txt"
-    assert archive.read_text().startswith("generic ")
+    assert not archive.exists()
+    [entry] = result.facts[RECORD_WHEN_DONE]
+    assert entry["file"] == str(archive) and entry["line"].startswith("generic ")
+    # And once it is there (the job done), the link is refused the second time
+    append_lines([(archive, entry["line"])])
     again, _ = make_ctx(url_file(tmp_path, "again.url", f"{site}/clip.mp3"), settings=settings)
     with pytest.raises(Permanent, match="already downloaded"):
         await DownloadStep(settings).run(again)
@@ -84,7 +90,8 @@ async def test_webloc_files_are_read(site: str, make_ctx: ContextFactory,
     ctx, _ = make_ctx(webloc, settings=settings)
     result = await DownloadStep(settings).run(ctx)
     assert result.media is not None and result.media.suffix == ".mp3"
-    assert (tmp_path / "own-archive.txt").is_file()  # the configured archive, not state_dir's
+    [entry] = result.facts[RECORD_WHEN_DONE]  # the configured archive, not state_dir's
+    assert entry["file"] == str(tmp_path / "own-archive.txt")
 
 
 async def test_several_links_become_new_jobs(make_ctx: ContextFactory, tmp_path: Path) -> None:

@@ -55,6 +55,12 @@ class StepContext:
     step_settings: Mapping[str, Any] = field(default_factory=dict)
 
 
+# A fact a step sets to have lines appended to files once the whole job is done (and only
+# then): [{"file": path, "line": text}]. The download archive uses it, so that a link whose
+# later steps fail is not refused as "already downloaded" when the file is retried.
+RECORD_WHEN_DONE = "record_when_done"
+
+
 @dataclass
 class StepResult:
     # Output file name (e.g. "talk.srt") -> a file under the step's workdir. Published into

@@ -19,9 +19,8 @@ from urllib.parse import urlsplit
 
 from traxd.config import Settings
 from traxd.errors import Permanent, Retry, TraxdError
-from traxd.pipeline.base import StepContext, StepResult
+from traxd.pipeline.base import RECORD_WHEN_DONE, StepContext, StepResult
 from traxd.pipeline.ffmpeg import Tools, find_tools, probe
-from traxd.pipeline.ytdlp_worker import record
 from traxd.procs import run_process
 
 LINK_SUFFIXES = (".url", ".webloc", ".txt")
@@ -130,12 +129,12 @@ class DownloadStep:
             raise _error(answer)
         media = Path(answer["media"])
         await self._check_media(media, ctx)
-        record(self.archive, answer["key"])
         ctx.progress(1.0)
         ctx.log.info("downloaded", title=answer.get("title"), media=media.name)
         info = ctx.workdir / "media.info.json"
         artifacts = {f"{ctx.job.stem}.info.json": info} if info.is_file() else {}
-        facts = {"url": link, "title": answer.get("title"), "extractor": answer.get("extractor")}
+        facts = {"url": link, "title": answer.get("title"), "extractor": answer.get("extractor"),
+                 RECORD_WHEN_DONE: [{"file": str(self.archive), "line": answer["key"]}]}
         return StepResult(artifacts=artifacts, media=media, facts=facts)
 
     def _split_playlist(self, link: str, urls: list[str], ctx: StepContext) -> StepResult:

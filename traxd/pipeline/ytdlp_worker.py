@@ -53,12 +53,6 @@ def in_archive(archive: Path, key: str) -> bool:
     return key in archive.read_text(encoding="utf-8").splitlines()
 
 
-def record(archive: Path, key: str) -> None:
-    archive.parent.mkdir(parents=True, exist_ok=True)
-    with archive.open("a", encoding="utf-8") as file:
-        file.write(key + "\n")
-
-
 def duration_filter(limit: float) -> Callable[..., str | None]:
     def check(info: dict[str, Any], *, incomplete: object = False) -> str | None:
         duration = info.get("duration")
