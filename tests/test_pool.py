@@ -56,26 +56,34 @@ async def test_jobs_start_in_priority_then_size_order(tmp_path: Path) -> None:
 
 
 async def test_closed_inboxes_keep_their_jobs_until_they_open(tmp_path: Path) -> None:
+    # Given a job in a closed inbox (night) and, released after it, one in an open one (day)
     journal = released(tmp_path, [("x", 5, 1)], inbox="night")
+    journal.queue(journal.add_seen("day", "y", 1, 0, 5), None, 1, 0)
+    journal.ready.release(now=journal.clock())
     started: list[str] = []
 
     async def run(job: Job, slot: Slot) -> None:
         await slot.acquire()
         started.append(job.rel_path)
 
-    inboxes: tuple[str, ...] = ()
+    inboxes: tuple[str, ...] = ("day",)
     pool = WorkerPool(journal, run, governor(1), lambda: inboxes)
     server = asyncio.create_task(pool.serve())
-    pool.wake()
-    await asyncio.sleep(0)
-    assert started == []
-    inboxes = ("night",)
+    # When the pool looks for work
     pool.wake()
     async with asyncio.timeout(5):
         while not started:
             await asyncio.sleep(0)
+    # Then only the open inbox's job started, though the other was queued first
+    assert started == ["y"]
+    # And when the night inbox opens, its job starts too
+    inboxes = ("day", "night")
+    pool.wake()
+    async with asyncio.timeout(5):
+        while len(started) < 2:
+            await asyncio.sleep(0)
     server.cancel()
-    assert started == ["x"]
+    assert started == ["y", "x"]
 
 
 async def test_never_more_than_the_cap_at_once(tmp_path: Path) -> None:

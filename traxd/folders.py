@@ -49,15 +49,28 @@ def is_ignored(name: str) -> bool:
     return name.startswith((".", "~")) or name.lower().endswith(IGNORED_SUFFIXES)
 
 
+def folder_prefix(root: Path) -> str:
+    """`root` as a string ending in a separator, for `relative_below`."""
+    return str(root).rstrip(os.sep) + os.sep
+
+
+def relative_below(prefix: str, path: str) -> str | None:
+    """`path` below the folder `prefix` (see folder_prefix) as a posix name; None when it is
+    outside, the folder itself, or hidden or partial in any part. Strings only: it runs for
+    every watcher event."""
+    if not path.startswith(prefix) or len(path) == len(prefix):
+        return None
+    rel = path[len(prefix):]
+    if os.sep != "/":
+        rel = rel.replace(os.sep, "/")
+    if any(not part or part in (".", "..") or is_ignored(part) for part in rel.split("/")):
+        return None
+    return rel
+
+
 def relative_name(root: Path, path: Path) -> str | None:
     """`path` relative to `root` as a posix string; None when outside or any part is ignored."""
-    try:
-        rel = PurePosixPath(path.relative_to(root).as_posix())
-    except ValueError:
-        return None
-    if not rel.parts or any(is_ignored(part) for part in rel.parts):
-        return None
-    return str(rel)
+    return relative_below(folder_prefix(root), str(path))
 
 
 def scan(root: Path) -> Iterator[str]:

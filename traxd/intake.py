@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 from traxd import metrics
 from traxd.config import InboxSettings, Settings
-from traxd.folders import describe_unprocessable, is_ignored
+from traxd.folders import describe_unprocessable, folder_prefix, relative_below
 from traxd.journal import Job, JobState, Journal
 from traxd.logs import get_logger
 from traxd.watcher import Event, Settled, Settler, candidates, scan_folder
@@ -163,20 +163,6 @@ def _unreadable(item: Settled, path: str) -> Hashed:
     return Hashed(key, Found.ODD, False, size, mtime_ns, why=why)
 
 
-def _relative(prefix: str, path: str) -> str | None:
-    """path below the inbox (prefix ends with a separator), as a posix name; None when it is
-    outside, the inbox itself, or hidden/partial in any part."""
-    if not path.startswith(prefix) or len(path) == len(prefix):
-        return None
-    rel = path[len(prefix):]
-    if os.sep != "/":
-        rel = rel.replace(os.sep, "/")
-    parts = rel.split("/")
-    if any(not part or part in (".", "..") or is_ignored(part) for part in parts):
-        return None
-    return rel
-
-
 # --- the loop side --------------------------------------------------------------------------
 
 class Intake:
@@ -202,7 +188,7 @@ class Intake:
     def configure(self, settings: Settings) -> None:
         self.settings = settings
         self.inboxes = {inbox.name: inbox for inbox in settings.inboxes}
-        self._prefixes = {name: str(inbox.path).rstrip(os.sep) + os.sep
+        self._prefixes = {name: folder_prefix(inbox.path)
                           for name, inbox in self.inboxes.items()}
         self.settler.settle_seconds = settings.daemon.settle_seconds
 
@@ -223,7 +209,7 @@ class Intake:
         added = False
         for name, path, _is_directory in events:
             prefix = self._prefixes.get(name)
-            rel = _relative(prefix, path) if prefix is not None else None
+            rel = relative_below(prefix, path) if prefix is not None else None
             if rel is not None:
                 self._dirty.setdefault(name, set()).add(rel)
                 added = True

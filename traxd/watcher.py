@@ -36,7 +36,7 @@ from watchdog.observers.polling import PollingObserver
 from watchdog.utils import UnsupportedLibcError
 
 from traxd.config import InboxSettings
-from traxd.folders import relative_name, scan
+from traxd.folders import scan
 
 # Filesystems whose change events are missing or unreliable: watch them by polling.
 NETWORK_FILESYSTEMS = frozenset({
@@ -400,7 +400,3 @@ def scan_folder(root: Path, rel_dir: str) -> list[str]:
         return list(scan(root))
     prefix = rel_dir + "/"
     return [prefix + name for name in scan(root / rel_dir)]
-
-
-def relative_to_inbox(inbox: InboxSettings, path: Path) -> str | None:
-    return relative_name(inbox.path, path)
