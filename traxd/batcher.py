@@ -13,6 +13,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 from traxd import metrics
+from traxd.jobs import JobEnd
 from traxd.journal import Job, JobState, Journal
 from traxd.logs import get_logger
 from traxd.pool import WorkerPool
@@ -45,10 +46,17 @@ class Batch:
     bytes: int
     started: float = field(default_factory=time.monotonic)
     outcomes: dict[str, int] = field(default_factory=dict)
+    started_at: float = field(default_factory=time.time)
+    wall_seconds: float = 0.0  # set when its last job ends
+    ends: list[JobEnd] = field(default_factory=list)  # its jobs that reached an end
 
     @property
     def finished(self) -> int:
         return sum(self.outcomes.values())
+
+
+def _ignore(_: Batch) -> None:
+    return None
 
 
 class Batcher:
@@ -64,6 +72,8 @@ class Batcher:
         self._batch_of: dict[int, Batch] = {}
         self._gauged: set[str] = set()
         self._log = get_logger(component="batcher")
+        self.on_finished: Callable[[Batch], None] = _ignore  # reports, notifications
+        self._loose: list[JobEnd] = []
 
     def start(self, interval: float) -> None:
         self.scheduler.add_job(self.tick, IntervalTrigger(seconds=interval), id="batch",
@@ -86,13 +96,20 @@ class Batcher:
             released += ready.release(now, RELEASE_SLICE)
         self.publish_depth()
         self.pool.wake()
-        if not released:
+        # Duplicates end at intake, never in the pool: they join the batch formed next.
+        loose, self._loose = self._loose, []
+        if not released and not loose:
             return None
-        size = -sum(entry.neg_size for entry in released)
-        batch = Batch(uuid.uuid4().hex[:12], {e.job_id for e in released}, len(released), size)
+        size = -sum(entry.neg_size for entry in released) + sum(e.size for e in loose)
+        batch = Batch(uuid.uuid4().hex[:12], {e.job_id for e in released},
+                      len(released) + len(loose), size, ends=loose)
+        if loose:
+            batch.outcomes["duplicate"] = len(loose)
         for job_id in batch.job_ids:
             self._batch_of[job_id] = batch
         self._log.info("batch_formed", batch_id=batch.id, files=batch.files, bytes=batch.bytes)
+        if not released:
+            self._finish(batch)
         return batch
 
     def job_finished(self, job_id: int, outcome: str) -> None:
@@ -101,10 +118,26 @@ class Batcher:
         if batch is None:
             return
         batch.outcomes[outcome] = batch.outcomes.get(outcome, 0) + 1
-        if batch.finished == len(batch.job_ids):
-            wall = round(time.monotonic() - batch.started, 3)
-            self._log.info("batch_finished", batch_id=batch.id, files=batch.files,
-                           bytes=batch.bytes, wall_seconds=wall, **batch.outcomes)
+        if batch.finished == batch.files:
+            self._finish(batch)
+
+    def _finish(self, batch: Batch) -> None:
+        wall = batch.wall_seconds = round(time.monotonic() - batch.started, 3)
+        self._log.info("batch_finished", batch_id=batch.id, files=batch.files,
+                       bytes=batch.bytes, wall_seconds=wall, **batch.outcomes)
+        try:
+            self.on_finished(batch)
+        except Exception:  # a listener's bug never stops the batcher
+            self._log.exception("batch_listener_failed", batch_id=batch.id)
+
+    def job_ended(self, end: JobEnd) -> None:
+        """Keep what a batch's job ended with (before `job_finished` counts it); a
+        duplicate found at intake waits for the next batch."""
+        batch = self._batch_of.get(end.job_id)
+        if batch is not None:
+            batch.ends.append(end)
+        elif end.outcome == "duplicate":
+            self._loose.append(end)
 
     def publish_depth(self) -> None:
         """Queue and in-progress gauges from the journal's counters (no query)."""

@@ -5,6 +5,7 @@
   Meant for liveness checks: restart the daemon when it fails.
 - ``/readyz``: 200 when `health.ready()` is ``(True, "")``, else 503 with the reason as
   the body (a watcher stopped, the journal is not writable, a backend is paused).
+- ``/`` and its forms: the status page (traxd.web.app), when one is handed in.
 
 The server runs in a daemon thread. When `start_http` is called inside a running event
 loop, `ready()` is run on that loop, so the daemon's state is only ever touched from its
@@ -16,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import TimeoutError as FutureTimeout
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol, cast
@@ -70,17 +71,74 @@ async def _call(check: Callable[[], tuple[bool, str]]) -> tuple[bool, str]:
     return check()
 
 
+class PageAnswer(Protocol):
+    status: int
+    body: bytes
+    content_type: str
+    headers: dict[str, str]
+
+
+class WebPage(Protocol):
+    """The status page (traxd.web.app.WebApp): it answers the paths that are its own."""
+
+    def get(self, target: str, headers: Mapping[str, str]) -> PageAnswer | None: ...
+
+    def post(self, target: str, headers: Mapping[str, str], body: bytes) -> PageAnswer: ...
+
+
+MAX_BODY = 4096  # the page's forms are small; a bigger body is refused unread
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     probe: _Probe
+    page: WebPage | None = None
 
 
 class _Handler(BaseHTTPRequestHandler):
     server_version = "traxd"
 
+    def do_POST(self) -> None:
+        page = cast(_Server, self.server).page
+        length = self.headers.get("Content-Length", "0")
+        if page is None:
+            self._send_text(404, "not found")
+        elif not length.isdigit() or int(length) > MAX_BODY:
+            self._send_text(413, "the form is too large")
+        else:
+            body = self.rfile.read(int(length))
+            self._send_page(lambda: page.post(self.path, self._header_map(), body))
+
+    def _header_map(self) -> dict[str, str]:
+        """The request's headers under one spelling ("Cookie", "Authorization")."""
+        return {name.title(): value for name, value in self.headers.items()}
+
+    def _send_page(self, answer_of: Callable[[], PageAnswer | None]) -> bool:
+        """Send the page's answer; False when the path is not the page's."""
+        try:
+            answer = answer_of()
+        except Exception:
+            get_logger(component="exporter").exception("status_page_failed", path=self.path)
+            self._send_text(500, "the status page failed; the daemon's log says why")
+            return True
+        if answer is None:
+            return False
+        self.send_response(answer.status)
+        for name, value in answer.headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Type", answer.content_type)
+        self.send_header("Content-Length", str(len(answer.body)))
+        self.end_headers()
+        self.wfile.write(answer.body)
+        return True
+
     def do_GET(self) -> None:
         route = self.path.split("?", 1)[0]
-        probe = cast(_Server, self.server).probe
+        server = cast(_Server, self.server)
+        probe, page = server.probe, server.page
+        if route not in ("/metrics", "/healthz", "/readyz") and page is not None and (
+                self._send_page(lambda: page.get(self.path, self._header_map()))):
+            return
         if route == "/metrics":
             encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
             self._send(200, encoder(REGISTRY), content_type)
@@ -142,10 +200,12 @@ def parse_address(address: str) -> tuple[str, int]:
 
 def start_http(address: str, health: HealthSource,
                loop: asyncio.AbstractEventLoop | None = None,
-               ready_timeout: float = READY_TIMEOUT) -> HttpServerHandle:
+               ready_timeout: float = READY_TIMEOUT,
+               page: WebPage | None = None) -> HttpServerHandle:
     """Serve the endpoints at `address` ("host:port"; port 0 picks a free port).
 
-    `loop` (default: the running loop, if any) is where `health.ready()` runs.
+    `loop` (default: the running loop, if any) is where `health.ready()` runs; `page`,
+    when given, answers / and its own paths (the status page).
     """
     host, port = parse_address(address)
     if loop is None:
@@ -159,6 +219,7 @@ def start_http(address: str, health: HealthSource,
 
     server = Server((host, port), _Handler)
     server.probe = _Probe(health, loop, ready_timeout)
+    server.page = page
     handle = HttpServerHandle(server)
     get_logger(component="exporter").info("http_listening", url=handle.url)
     return handle

@@ -1,0 +1,1 @@
+"""The status page at / on metrics_address (see traxd.web.app)."""
