@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,6 +26,20 @@ class Reply:
     status: int = 200
     body: Any = None  # JSON-able, or str for a plain-text answer
     headers: dict[str, str] = field(default_factory=dict)
+    content_type: str | None = None  # instead of application/json or text/plain
+    pace: float = 0.0  # seconds between the bytes of the body: a server that dribbles
+    pause: float = 0.0  # seconds of silence after the headers, before the body
+
+
+def html_page(status: int = 200) -> Reply:
+    """What a proxy in front of the API sends when the API is down, with status 200."""
+    return Reply(status, "<html><body><h1>502 Bad Gateway</h1>nginx</body></html>",
+                 content_type="text/html")
+
+
+def dribble(seconds_per_byte: float = 0.5) -> Reply:
+    """A valid answer sent one byte at a time: each read succeeds, the whole takes long."""
+    return Reply(200, {"text": "x" * 400}, pace=seconds_per_byte)
 
 
 @dataclass(frozen=True)
@@ -151,9 +166,22 @@ def _send(handler: BaseHTTPRequestHandler, reply: Reply) -> None:
     text = isinstance(reply.body, str)
     data = (reply.body if text else json.dumps(reply.body)).encode()
     handler.send_response(reply.status)
-    handler.send_header("Content-Type", "text/plain" if text else "application/json")
+    handler.send_header("Content-Type", reply.content_type or (
+        "text/plain" if text else "application/json"))
     handler.send_header("Content-Length", str(len(data)))
     for key, value in reply.headers.items():
         handler.send_header(key, value)
     handler.end_headers()
-    handler.wfile.write(data)
+    handler.wfile.flush()
+    try:
+        if reply.pause:
+            time.sleep(reply.pause)  # a server thread standing still, not the test
+        if not reply.pace:
+            handler.wfile.write(data)
+            return
+        for index in range(len(data)):
+            handler.wfile.write(data[index:index + 1])
+            handler.wfile.flush()
+            time.sleep(reply.pace)
+    except (BrokenPipeError, ConnectionResetError):  # the client gave up: as it should
+        return

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -11,10 +12,10 @@ from traxd.config import Settings
 from traxd.errors import BackendFatal, Permanent, Retry
 from traxd.pipeline.base import StepResult
 from traxd.pipeline.enhance import EnhanceStep, normalise, plan_windows
-from traxd.pipeline.formats import Segment, Transcript
+from traxd.pipeline.formats import WARNINGS_FACT, Segment, Transcript
 
 from .conftest import ContextFactory, with_changes
-from .openai_server import FakeOpenAI, error
+from .openai_server import FakeOpenAI, error, html_page
 
 RAW = " ".join(f"word{i}" for i in range(180))  # every word different: stitching errors show
 
@@ -107,14 +108,14 @@ async def test_guard_allows_small_changes(
 async def test_errors_map_like_the_transcriber(
         make_ctx: ContextFactory, server: FakeOpenAI, api_key: str, tmp_path: Path,
         status: int, kind: type[Exception]) -> None:
-    server.script.append(error(status, "no", **{"Retry-After": "3"}))
+    server.script.append(error(status, "no", **{"Retry-After": "86400"}))  # past the wait
     settings = enhance_settings(tmp_path, server, api_key, window_words=500)
     with pytest.raises(kind) as caught:
         await enhance(make_ctx, tmp_path, settings)
     if isinstance(caught.value, BackendFatal):
         assert caught.value.backend == "enhance"
     if isinstance(caught.value, Retry) and status == 429:
-        assert caught.value.defer == 3.0
+        assert caught.value.defer == 86400.0
 
 
 async def test_without_a_transcript_it_is_permanent(make_ctx: ContextFactory,
@@ -124,3 +125,78 @@ async def test_without_a_transcript_it_is_permanent(make_ctx: ContextFactory,
     ctx, _ = make_ctx(source)
     with pytest.raises(Permanent, match="put 'transcribe' before 'enhance'"):
         await EnhanceStep(ctx.settings).run(ctx)
+
+
+async def test_an_html_page_is_a_provider_retry_not_an_edit(
+        make_ctx: ContextFactory, server: FakeOpenAI, api_key: str, tmp_path: Path) -> None:
+    server.script.append(html_page())
+    settings = enhance_settings(tmp_path, server, api_key, window_words=500)
+    with pytest.raises(Retry, match=r"127\.0\.0\.1: unusable answer: not JSON: '<html>") as caught:
+        await enhance(make_ctx, tmp_path, settings)
+    assert caught.value.reason == "bad_response"
+
+
+# --- text the model adds (issue 13, item 10) ----------------------------------------------
+
+LONG = " ".join(f"word{i}" for i in range(1400))
+INJECTED = "Send your password and the code from your bank to support at example dot org."
+
+
+def invent_every_tenth(text: str) -> str:
+    """140 words in 1,400 that were never said, one after every tenth word: 9 % changed."""
+    return " ".join(f"{w} extra{i}" if i % 10 == 9 else w for i, w in enumerate(text.split()))
+
+
+@pytest.mark.parametrize(("editor", "problem"), [
+    (lambda text: punctuate(text) + " " + INJECTED, "added 15 words in a row that were not said"),
+    (invent_every_tenth, "added 140 words that were not said"),
+])
+async def test_guard_rejects_text_the_model_added(
+        make_ctx: ContextFactory, server: FakeOpenAI, api_key: str, tmp_path: Path,
+        editor: Callable[[str], str], problem: str) -> None:
+    # Given a 1,400-word window and an editor that appends an instruction or invents words
+    server.chat = editor
+    settings = enhance_settings(tmp_path, server, api_key, window_words=1500)
+    # When the transcript is enhanced
+    result = await enhance(make_ctx, tmp_path, settings, text=LONG)
+    # Then the raw words are kept: nothing the model wrote reaches the output
+    assert result.artifacts["talk.enhanced.md"].read_text().split() == LONG.split()
+    assert result.facts["enhanced"] is False
+    (warning,) = result.facts["enhance_warnings"]
+    assert problem in warning and "kept the raw text" in warning
+    # And the rejection is written in the warnings file beside the outputs
+    body = json.loads(result.artifacts["talk.warnings.json"].read_text())
+    (entry,) = body["warnings"]
+    assert entry["step"] == "enhance" and entry["reason"] == "enhancement_rejected"
+    assert problem in entry["message"]
+
+
+async def test_reasoning_blocks_are_stripped(
+        make_ctx: ContextFactory, server: FakeOpenAI, api_key: str, tmp_path: Path) -> None:
+    server.chat = lambda text: ("<think>\nThe user wants punctuation. I will add commas and "
+                                "keep every word as it is.\n</think>\n\n" + punctuate(text))
+    result = await enhance(make_ctx, tmp_path, enhance_settings(tmp_path, server, api_key))
+    text = result.artifacts["talk.enhanced.md"].read_text()
+    assert "think" not in text.lower() and "commas" not in text
+    assert [normalise(w) for w in text.split()] == RAW.split()
+    assert result.facts["enhanced"] is True and "talk.warnings.json" not in result.artifacts
+
+
+async def test_a_rejection_keeps_the_warnings_of_earlier_steps(
+        make_ctx: ContextFactory, server: FakeOpenAI, api_key: str, tmp_path: Path) -> None:
+    server.chat = lambda text: text + " " + INJECTED
+    settings = enhance_settings(tmp_path, server, api_key, window_words=500)
+    transcript = Transcript((Segment(0.0, 60.0, RAW),), "en", 60.0, "tiny.en")
+    earlier = {"step": "preprocess", "reason": "damaged", "message": "decoded 30 s of 60 s"}
+    source = tmp_path / "talk.mp3"
+    source.write_bytes(b"x")
+    ctx, _ = make_ctx(source, settings=settings, facts={
+        "transcript": str(transcript.save(tmp_path / "t.json")), WARNINGS_FACT: [earlier]})
+    step = EnhanceStep(settings)
+    try:
+        result = await step.run(ctx)
+    finally:
+        await step.aclose()
+    body = json.loads(result.artifacts["talk.warnings.json"].read_text())
+    assert [w["step"] for w in body["warnings"]] == ["preprocess", "enhance"]
+    assert result.facts[WARNINGS_FACT][0] == earlier

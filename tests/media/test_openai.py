@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import hashlib
+import itertools
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,7 +24,7 @@ from traxd.ratelimit import MAX_HOLD, RateLimiter
 
 from .conftest import ContextFactory, Media, with_changes
 from .helpers import ffprobe_stream
-from .openai_server import FakeOpenAI, Reply, error
+from .openai_server import FakeOpenAI, Reply, Request, dribble, error, html_page, verbose_json
 
 
 @pytest.fixture
@@ -88,18 +93,6 @@ async def transcribe_once(media: Media, make_ctx: ContextFactory, settings: Sett
         await step.aclose()
 
 
-async def test_429_is_a_retry_after_the_servers_delay(
-        media: Media, make_ctx: ContextFactory, server: FakeOpenAI, api_key: str,
-        tmp_path: Path) -> None:
-    server.script.append(error(429, "slow down", **{"Retry-After": "7"}))
-    counted = requests_counted("429")
-    with pytest.raises(Retry, match="answered 429: slow down") as caught:
-        await transcribe_once(media, make_ctx, openai_settings(tmp_path, server, api_key))
-    assert caught.value.defer == 7.0
-    assert requests_counted("429") == counted + 1
-    assert len(server.requests) == 1  # the client itself did not retry
-
-
 @pytest.mark.parametrize(("reply", "expected", "kind"), [
     (error(500, "boom"), "answered 500", Retry),
     (error(503, "busy"), "answered 503", Retry),
@@ -128,6 +121,32 @@ async def test_missing_key_is_backend_fatal(media: Media, make_ctx: ContextFacto
     with pytest.raises(BackendFatal, match="TRAXD_TEST_NO_SUCH_KEY") as caught:
         await transcribe_once(media, make_ctx, settings)
     assert caught.value.backend == "openai" and server.requests == []
+
+
+async def test_a_key_file_is_read_again_after_the_backend_was_paused(
+        media: Media, make_ctx: ContextFactory, server: FakeOpenAI, tmp_path: Path) -> None:
+    # Given the key named as a file that is not there yet
+    key_file = tmp_path / "openai.key"
+    settings = openai_settings(tmp_path, server, "TRAXD_TEST_NO_SUCH_KEY",
+                               api_key_file=key_file)
+    step = TranscribeStep(settings)
+    ctx, _ = make_ctx(media.speech_wav, settings=settings)
+    try:
+        # When the step runs, it pauses the backend, saying where the key goes
+        with pytest.raises(BackendFatal, match=f"put the key in {key_file}.*traxd resume"):
+            await step.run(ctx)
+        # When a wrong key is put there, the provider's 401 pauses it again
+        key_file.write_text("sk-wrong-1234567890\n")
+        server.script.append(error(401, "invalid key"))
+        with pytest.raises(BackendFatal, match="answered 401"):
+            await step.run(ctx)
+        # Then the right key put there is read on the next run (as after `traxd resume`)
+        key_file.write_text("sk-right-1234567890\n")
+        await step.run(ctx)
+    finally:
+        await step.aclose()
+    assert [r.headers["authorization"] for r in server.requests] == [
+        "Bearer sk-wrong-1234567890", "Bearer sk-right-1234567890"]
 
 
 async def test_unreachable_server_is_a_retry(media: Media, make_ctx: ContextFactory,
@@ -232,3 +251,157 @@ async def test_limiter_bounds_requests_in_flight() -> None:
     release.set()
     await asyncio.gather(*tasks)
     assert most == 2
+
+
+# --- answers that are not transcripts (issue 13, item 8) ----------------------------------
+
+
+def null_start(request: Request) -> Reply:
+    reply = verbose_json(request)
+    reply.body["segments"][1]["start"] = None
+    return reply
+
+
+@pytest.mark.parametrize(("reply", "expected"), [
+    (html_page(), r"127\.0\.0\.1: unusable answer: not JSON: '<html><body><h1>502 Bad Gateway"),
+    (Reply(200, '{"text": "cut off', content_type="application/json"),
+     r"127\.0\.0\.1: unusable answer: invalid JSON"),
+    (Reply(200, {"segments": []}), r"127\.0\.0\.1: unusable answer: no text"),
+    (None, r"127\.0\.0\.1: unusable answer: segment 1 start is None, not a time"),
+])
+async def test_an_answer_that_is_no_transcript_is_a_provider_retry(
+        media: Media, make_ctx: ContextFactory, server: FakeOpenAI, api_key: str,
+        tmp_path: Path, reply: Reply | None, expected: str) -> None:
+    # Given a server answering 200 with an HTML page, broken JSON, or a segment without time
+    if reply is None:
+        server.transcribe = null_start
+    else:
+        server.script.append(reply)
+    settings = openai_settings(tmp_path, server, api_key)
+    step = TranscribeStep(settings)
+    ctx, _ = make_ctx(media.speech_wav, settings=settings)
+    counted = requests_counted("invalid")
+    # When the speech is transcribed
+    try:
+        with pytest.raises(Retry, match=expected) as caught:
+            await step.run(ctx)
+    finally:
+        await step.aclose()
+    # Then it is a retryable provider error, and nothing was written as a transcript
+    assert caught.value.reason == "bad_response"
+    assert not (ctx.workdir / "out").exists() and not (ctx.workdir / "transcript.json").exists()
+    assert requests_counted("invalid") == counted + 1
+
+
+# --- requests that never end (issue 13, item 5) -------------------------------------------
+
+
+async def test_a_dribbling_answer_ends_at_the_request_deadline(
+        media: Media, make_ctx: ContextFactory, server: FakeOpenAI, api_key: str,
+        tmp_path: Path) -> None:
+    # Given a server sending a byte every 0.5 s (no read ever waits long) and a 2 s timeout
+    server.script.append(dribble(0.5))
+    settings = openai_settings(tmp_path, server, api_key, timeout=2.0)
+    started = time.monotonic()
+    # When a chunk is transcribed
+    with pytest.raises(Retry, match=r"127\.0\.0\.1: no complete answer within 2 s") as caught:
+        await transcribe_once(media, make_ctx, settings)
+    # Then the whole request ended at its deadline, not when the server finished (200 s)
+    assert time.monotonic() - started < 30
+    assert caught.value.reason == "timeout"
+
+
+async def test_a_silent_server_is_a_stall_after_stall_seconds(
+        media: Media, make_ctx: ContextFactory, server: FakeOpenAI, api_key: str,
+        tmp_path: Path) -> None:
+    # Given a server that sends its headers and then nothing, a 10 min request timeout, and
+    # stall_seconds of 1 s
+    server.script.append(Reply(200, {"text": "late"}, pause=120))
+    settings = with_changes(openai_settings(tmp_path, server, api_key),
+                            daemon={"state_dir": tmp_path, "stall_seconds": 1.0})
+    started = time.monotonic()
+    # When a chunk is transcribed
+    with pytest.raises(Retry, match=r"127\.0\.0\.1: request stalled: nothing received for 1 s"):
+        await transcribe_once(media, make_ctx, settings)
+    # Then it is stopped as stalled long before the request timeout
+    assert time.monotonic() - started < 30
+
+
+# --- rate limits and chunks already done (issue 13, item 7) -------------------------------
+
+
+def fails_once(at: int, failure: Reply) -> Callable[[Request], Reply]:
+    """Answers normally, except `failure` for the at-th upload (1-based)."""
+    count = itertools.count(1)
+
+    def answer(request: Request) -> Reply:
+        return failure if next(count) == at else verbose_json(request)
+
+    return answer
+
+
+def uploads_per_chunk(server: FakeOpenAI) -> list[int]:
+    return sorted(Counter(hashlib.sha256(r.files["file"]).hexdigest()
+                          for r in server.requests).values())
+
+
+async def three_chunks(media: Media, make_ctx: ContextFactory, settings: Settings
+                       ) -> dict[str, Any]:
+    ctx, _ = make_ctx(media.long_wav, settings=settings,
+                      step_settings=preprocess_settings(settings, ["transcribe"]))
+    prepared = await PreprocessStep(settings).run(ctx)
+    assert len(prepared.facts["chunks"]) == 3
+    return prepared.facts
+
+
+async def test_a_429_is_waited_out_and_only_its_chunk_is_sent_again(
+        media: Media, make_ctx: ContextFactory, server: FakeOpenAI, api_key: str,
+        tmp_path: Path) -> None:
+    # Given three chunks, one at a time, and a server that answers the second upload with
+    # 429 and Retry-After: 1
+    settings = openai_settings(tmp_path, server, api_key, max_concurrent=1)
+    facts = await three_chunks(media, make_ctx, settings)
+    server.transcribe = fails_once(2, error(429, "slow down", **{"Retry-After": "1"}))
+    step = TranscribeStep(settings)
+    ctx, _ = make_ctx(media.long_wav, settings=settings, facts=facts)
+    # When they are transcribed
+    try:
+        result = await step.run(ctx)
+    finally:
+        await step.aclose()
+    # Then the step waited and finished, sending only the rate-limited chunk twice
+    assert result.facts["segments"] == 6
+    assert uploads_per_chunk(server) == [1, 1, 2]
+
+
+async def test_a_429_longer_than_the_wait_limit_is_a_retry_with_its_delay(
+        media: Media, make_ctx: ContextFactory, server: FakeOpenAI, api_key: str,
+        tmp_path: Path) -> None:
+    server.script.append(error(429, "come back tomorrow", **{"Retry-After": "86400"}))
+    counted = requests_counted("429")
+    with pytest.raises(Retry, match="answered 429: come back tomorrow") as caught:
+        await transcribe_once(media, make_ctx, openai_settings(tmp_path, server, api_key))
+    assert caught.value.defer == 86400.0 and len(server.requests) == 1
+    assert requests_counted("429") == counted + 1
+
+
+async def test_chunks_done_before_a_failure_are_not_sent_again_on_retry(
+        media: Media, make_ctx: ContextFactory, server: FakeOpenAI, api_key: str,
+        tmp_path: Path) -> None:
+    # Given three chunks, one at a time, and a server failing the second upload with a 500
+    settings = openai_settings(tmp_path, server, api_key, max_concurrent=1)
+    facts = await three_chunks(media, make_ctx, settings)
+    server.transcribe = fails_once(2, error(500, "boom"))
+    step = TranscribeStep(settings)
+    try:
+        first, _ = make_ctx(media.long_wav, settings=settings, facts=facts)
+        with pytest.raises(Retry, match="answered 500"):
+            await step.run(first)
+        # When the job is tried again (a new, empty folder for the step)
+        again, _ = make_ctx(media.long_wav, settings=settings, facts=facts)
+        result = await step.run(again)
+    finally:
+        await step.aclose()
+    # Then the first chunk's answer was kept: no chunk was paid for twice but the failed one
+    assert result.facts["segments"] == 6
+    assert uploads_per_chunk(server) == [1, 1, 2]

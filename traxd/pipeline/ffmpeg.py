@@ -19,6 +19,8 @@ import ffmpeg
 from traxd.config import Settings
 from traxd.errors import BackendFatal, Permanent, Retry, TraxdError
 from traxd.pipeline.base import StepContext, StepResult
+from traxd.pipeline.formats import WARNINGS_FACT, file_warning, write_warnings
+from traxd.pipeline.tracks import Choice, Track, choose_track
 from traxd.procs import LineHandler, ProcessLimits, ProcessResult, run_process
 
 SAMPLE_RATE = 16_000
@@ -29,6 +31,11 @@ GLOBAL_ARGS = ("-hide_banner", "-nostdin", "-nostats", "-loglevel", "error",
 SILENCE_NOISE = "-35dB"
 SILENCE_MIN = 0.3  # seconds of quiet that count as a pause
 CUT_WINDOWS = (1 / 3, 1 / 2)  # shares of a chunk before its limit searched for a pause
+OVERLAP = 2.0  # seconds both chunks hold on each side of a cut that found no pause
+LIMIT_KEY = "[daemon] max_duration_seconds"
+DRIFT_SECONDS = 1.0  # a decode may end this far from the container's duration...
+DRIFT_SHARE = 0.005  # ...or this share of it, whichever is more, without being damage
+CLOCKED_BY_POSITION = ("mp3",)  # formats whose constant-bitrate bytes are their clock
 UNDECODABLE = (
     "invalid data found when processing input", "moov atom not found",
     "failed to read frame size", "could not find codec parameters", "misdetection possible",
@@ -70,6 +77,14 @@ class AudioStream:
     codec: str
     sample_rate: int
     channels: int
+    language: str | None = None  # the stream's language tag (ISO 639-2, e.g. "eng")
+    default: bool = False  # disposition default
+    duration: float | None = None  # the stream's own duration, when the container says
+    bit_rate: int | None = None
+
+    @property
+    def track(self) -> Track:
+        return Track(self.index, self.language, self.default)
 
 
 @dataclass(frozen=True)
@@ -91,7 +106,8 @@ class AudioFormat:
         return 0.9 * UPLOAD_LIMIT_BYTES * 8 / self.bits_per_second
 
 
-WAV = AudioFormat(".wav", {"acodec": "pcm_s16le"}, SAMPLE_RATE * 16)
+# RF64 past 4 GiB (37.3 h of 16 kHz mono s16), where a plain wav would silently stop
+WAV = AudioFormat(".wav", {"acodec": "pcm_s16le", "rf64": "auto"}, SAMPLE_RATE * 16)
 MP3 = AudioFormat(".mp3", {"acodec": "libmp3lame", "audio_bitrate": "32k"}, 32_000)
 CHUNK_FORMATS = {"wav": WAV, "mp3": MP3}
 DEFAULT_CHUNK_SECONDS = 600.0
@@ -145,12 +161,25 @@ class Prepared:
     duration: float
     chunks: tuple[Chunk, ...]
     source: MediaInfo
+    choice: Choice  # which of the source's audio streams this is, and why
+    warnings: tuple[dict[str, str], ...] = ()  # what the file should say about itself
+
+    @property
+    def stream(self) -> AudioStream:
+        return self.source.audio[self.choice.position]
 
     def facts(self) -> dict[str, Any]:
-        return {"duration": self.duration, "audio": str(self.audio),
-                "chunks": [c.to_fact() for c in self.chunks],
-                "source_format": self.source.format_name,
-                "source_codec": self.source.audio[0].codec}
+        stream = self.stream
+        facts: dict[str, Any] = {
+            "duration": self.duration, "audio": str(self.audio),
+            "chunks": [c.to_fact() for c in self.chunks],
+            "source_format": self.source.format_name, "source_codec": stream.codec,
+            "audio_stream": {"index": stream.index, "language": stream.language,
+                             "default": stream.default, "chosen_by": self.choice.why},
+            "audio_streams": len(self.source.audio)}
+        if self.warnings:
+            facts[WARNINGS_FACT] = list(self.warnings)
+        return facts
 
 
 # --- running ------------------------------------------------------------------------------
@@ -204,8 +233,10 @@ class ProgressParser:
 # --- probing ------------------------------------------------------------------------------
 
 
-async def probe(path: Path, tools: Tools, limits: ProcessLimits) -> MediaInfo:
-    """What the file holds; Permanent when it is undecodable or has no audio."""
+async def probe(path: Path, tools: Tools, limits: ProcessLimits,
+                stop: float | None = None) -> MediaInfo:
+    """What the file holds; Permanent when it is undecodable or has no audio. A container
+    that does not say how long it is gets measured, up to `stop` seconds."""
     if (await asyncio.to_thread(path.stat)).st_size == 0:
         raise Permanent(f"{path.name} is an empty file (0 bytes)", reason="empty")
     info = await (_ffprobe(path, tools, limits) if tools.ffprobe else _probe_with_ffmpeg(
@@ -214,7 +245,7 @@ async def probe(path: Path, tools: Tools, limits: ProcessLimits) -> MediaInfo:
         kind = f"video only ({', '.join(info.video)})" if info.video else "no streams"
         raise Permanent(f"{path.name} has no audio stream: {kind}", reason="no_audio")
     if info.duration is None:
-        info = MediaInfo(info.format_name, await measure_duration(path, tools, limits),
+        info = MediaInfo(info.format_name, await measure_duration(path, tools, limits, stop),
                          info.audio, info.video)
     if info.duration is not None and info.duration < MIN_DURATION:
         raise Permanent(f"{path.name} is empty audio ({info.duration:.3f} s)", reason="empty")
@@ -237,9 +268,7 @@ async def _ffprobe(path: Path, tools: Tools, limits: ProcessLimits) -> MediaInfo
 
 def parse_ffprobe(data: Mapping[str, Any]) -> MediaInfo:
     streams = data.get("streams", [])
-    audio = tuple(AudioStream(int(s["index"]), str(s.get("codec_name", "?")),
-                              int(s.get("sample_rate") or 0), int(s.get("channels") or 0))
-                  for s in streams if s.get("codec_type") == "audio")
+    audio = tuple(_audio_stream(s) for s in streams if s.get("codec_type") == "audio")
     video = tuple(str(s.get("codec_name", "?")) for s in streams
                   if s.get("codec_type") == "video"
                   and not s.get("disposition", {}).get("attached_pic"))
@@ -249,9 +278,19 @@ def parse_ffprobe(data: Mapping[str, Any]) -> MediaInfo:
     return MediaInfo(str(fmt.get("format_name", "?")), max(durations, default=None), audio, video)
 
 
+def _audio_stream(s: Mapping[str, Any]) -> AudioStream:
+    language = (s.get("tags") or {}).get("language")
+    return AudioStream(
+        int(s["index"]), str(s.get("codec_name", "?")), int(s.get("sample_rate") or 0),
+        int(s.get("channels") or 0), None if language in (None, "", "und") else str(language),
+        bool((s.get("disposition") or {}).get("default")), _number(str(s.get("duration"))),
+        int(s["bit_rate"]) if str(s.get("bit_rate", "")).isdigit() else None)
+
+
 _INPUT = re.compile(r"^Input #0, (.+), from ", re.MULTILINE)
 _DURATION = re.compile(r"Duration: (\d+):(\d\d):(\d\d(?:\.\d+)?)")
-_STREAM = re.compile(r"Stream #0:(\d+)\S*: (Audio|Video): ([^\s,]+)[^\n]*")
+_STREAM = re.compile(r"Stream #0:(\d+)(\S*): (Audio|Video): ([^\s,]+)[^\n]*")
+_TAG = re.compile(r"\((\w{2,3})\)$")
 _RATE = re.compile(r", (\d+) Hz")
 _CHANNELS = {"mono": 1, "stereo": 2}
 
@@ -273,18 +312,22 @@ def parse_ffmpeg_banner(text: str) -> MediaInfo:
     audio: list[AudioStream] = []
     video: list[str] = []
     for match in _STREAM.finditer(text):
-        if match[2] == "Video":
-            video.append(match[3])
+        if match[3] == "Video":
+            video.append(match[4])
             continue
         rate = _RATE.search(match[0])
         layout = match[0].split(", ")[2] if match[0].count(", ") >= 2 else ""
         channels = _CHANNELS.get(layout.split("(")[0], 0)
-        audio.append(AudioStream(int(match[1]), match[3], int(rate[1]) if rate else 0, channels))
+        tag = _TAG.search(match[2])
+        language = tag[1] if tag and tag[1] != "und" else None
+        audio.append(AudioStream(int(match[1]), match[4], int(rate[1]) if rate else 0, channels,
+                                 language, match[0].rstrip().endswith("(default)")))
     return MediaInfo(fmt[1] if fmt else "?", seconds, tuple(audio), tuple(video))
 
 
-async def measure_duration(path: Path, tools: Tools, limits: ProcessLimits) -> float:
-    """Decode the first audio stream to nowhere and read how far it got."""
+async def measure_duration(path: Path, tools: Tools, limits: ProcessLimits,
+                           stop: float | None = None) -> float:
+    """Decode the first audio stream to nowhere (up to `stop` s) and read how far it got."""
     times: list[int] = []
 
     def keep(line: str) -> None:
@@ -292,7 +335,8 @@ async def measure_duration(path: Path, tools: Tools, limits: ProcessLimits) -> f
         if key == "out_time_us" and value.isdigit():
             times.append(int(value))
 
-    stream = ffmpeg.input(media_url(path))["a:0"].output("-", format="null")
+    bound = {} if stop is None else {"t": stop}
+    stream = ffmpeg.input(media_url(path), **bound)["a:0"].output("-", format="null")
     result = await run_tool(compile_argv(stream, tools), limits, on_line=keep)
     if result.returncode != 0:
         raise failure(result, "decode", path.name)
@@ -303,20 +347,42 @@ async def measure_duration(path: Path, tools: Tools, limits: ProcessLimits) -> f
 
 
 def wav_duration(path: Path) -> float:
-    with wave.open(str(path), "rb") as wav:
-        return wav.getnframes() / wav.getframerate()
+    """Seconds of PCM in a wav, RIFF or RF64 (what ffmpeg writes past 4 GiB)."""
+    with path.open("rb") as f:
+        if f.read(4) == b"RIFF":
+            with wave.open(str(path), "rb") as wav:
+                return wav.getnframes() / wav.getframerate()
+        f.seek(12)
+        size64 = rate = block = 0
+        while len(header := f.read(8)) == 8:
+            ident, size = header[:4], int.from_bytes(header[4:], "little")
+            body = f.read(min(size, 28)) if ident in (b"ds64", b"fmt ") else b""
+            if ident == b"ds64":
+                size64 = int.from_bytes(body[8:16], "little")
+            elif ident == b"fmt ":
+                rate, block = (int.from_bytes(body[4:8], "little"),
+                               int.from_bytes(body[12:14], "little"))
+            elif ident == b"data" and rate and block:
+                data = size64 if size == 0xFFFFFFFF else size
+                left = path.stat().st_size - f.tell()
+                return min(data, left) // block / rate
+            f.seek(size + (size & 1) - len(body), 1)
+    raise ValueError(f"{path.name} is not a PCM wav file")
 
 
 async def convert(
     src: Path, dst: Path, fmt: AudioFormat, tools: Tools, limits: ProcessLimits, *,
     progress: ProgressParser | None = None, start: float | None = None,
-    duration: float | None = None,
+    duration: float | None = None, stream: int | None = None, audio_filter: str | None = None,
 ) -> None:
-    """First audio stream of src (optionally a time range) -> 16 kHz mono in fmt."""
+    """An audio stream of src (the first, or the one with index `stream`; optionally a time
+    range, through a filter) -> 16 kHz mono in fmt."""
     cut = {k: v for k, v in (("ss", start), ("t", duration)) if v is not None}
-    stream = ffmpeg.input(media_url(src), **cut)["a:0"].output(
-        media_url(dst), ac=1, ar=SAMPLE_RATE, **fmt.options)
-    result = await run_tool(compile_argv(stream, tools), limits, on_line=progress)
+    extra = {} if audio_filter is None else {"af": audio_filter}
+    selector = "a:0" if stream is None else str(stream)
+    output = ffmpeg.input(media_url(src), **cut)[selector].output(
+        media_url(dst), ac=1, ar=SAMPLE_RATE, **fmt.options, **extra)
+    result = await run_tool(compile_argv(output, tools), limits, on_line=progress)
     if result.returncode != 0:
         raise failure(result, "conversion", src.name)
 
@@ -392,6 +458,27 @@ def plan_cuts(
     return cuts
 
 
+def chunk_spans(duration: float, chunk_seconds: float,
+                silences: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """(start, end) of each chunk. A cut in a pause is where one chunk ends and the next
+    begins; a cut with no pause (continuous noise or speech) is overlapped by OVERLAP on
+    each side (at most a quarter of a chunk), so that a word it would split is whole in
+    both chunks (merging drops the copy)."""
+    bounds = [0.0, *plan_cuts(duration, chunk_seconds, silences), duration]
+    overlap = min(OVERLAP, chunk_seconds / 4)
+    spans = []
+    for cut_in, cut_out in itertools.pairwise(bounds):
+        start = cut_in if cut_in == 0.0 or _in_pause(silences, cut_in) else cut_in - overlap
+        end = cut_out if cut_out == duration or _in_pause(silences, cut_out) else (
+            cut_out + overlap)
+        spans.append((max(0.0, start), min(duration, end)))
+    return spans
+
+
+def _in_pause(silences: Sequence[tuple[float, float]], at: float) -> bool:
+    return any(s <= at <= e for s, e in silences)
+
+
 def _cut_before(silences: Sequence[tuple[float, float]], limit: float, chunk: float) -> float:
     for share in CUT_WINDOWS:
         cut = _pause_in(silences, limit - chunk * share, limit)
@@ -409,19 +496,91 @@ def _pause_in(silences: Sequence[tuple[float, float]], lo: float, hi: float) -> 
 
 async def prepare_audio(ctx: StepContext, folder: Path, tools: Tools,
                         target: ChunkTarget) -> Prepared:
-    """Any media -> 16 kHz mono wav in `folder`, cut into the chunks `target` asks for."""
-    info = await probe(ctx.input, tools, ctx.limits)
+    """Any media -> 16 kHz mono wav in `folder`, cut into the chunks `target` asks for.
+
+    The length is checked from the probe, before anything is decoded; the audio track is the
+    one in the configured language, else the default one, else the first."""
+    limit = ctx.settings.daemon.max_duration_seconds
+    info = await probe(ctx.input, tools, ctx.limits, stop=limit + 1.0)
+    if info.duration is not None and info.duration > limit:
+        raise too_long(ctx.input.name, info.duration, limit, "is")
+    choice = choose_track([a.track for a in info.audio], ctx.settings.transcribe.language)
+    stream = info.audio[choice.position]
+    if len(info.audio) > 1:
+        ctx.log.info("audio_track_chosen", stream=stream.index, language=stream.language,
+                     chosen_by=choice.why, others=[a.index for a in info.audio if a != stream])
     audio = folder / "audio.wav"
-    parser = ProgressParser(info.duration, ctx.progress, 0.0, 0.8)
-    await convert(ctx.input, audio, WAV, tools, ctx.limits, progress=parser)
-    duration = wav_duration(audio)
-    if duration < MIN_DURATION:
-        raise Permanent(f"{ctx.input.name} holds no audio samples", reason="empty")
+    duration, warnings = await _decode(ctx, info, stream, audio, tools)
     chunks = await _split(audio, duration, target, tools, ctx, folder)
     ctx.progress(1.0)
     ctx.log.info("preprocessed", duration=round(duration, 3), chunks=len(chunks),
-                 source_format=info.format_name, codec=info.audio[0].codec)
-    return Prepared(audio, duration, chunks, info)
+                 source_format=info.format_name, codec=stream.codec)
+    return Prepared(audio, duration, chunks, info, choice, tuple(warnings))
+
+
+def too_long(name: str, seconds: float, limit: float, verb: str) -> Permanent:
+    return Permanent(
+        f"{name} {verb} {_clock(seconds)} long, over the {_clock(limit)} limit "
+        f"({LIMIT_KEY} = {limit:.0f}); raise it to take longer files", reason="too_long")
+
+
+def _clock(seconds: float) -> str:
+    whole = int(seconds)
+    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
+
+
+def drift_allowed(expected: float) -> float:
+    """How far a decode may end from the container's duration without damage."""
+    return max(DRIFT_SECONDS, DRIFT_SHARE * expected)
+
+
+async def _decode(ctx: StepContext, info: MediaInfo, stream: AudioStream, audio: Path,
+                  tools: Tools) -> tuple[float, list[dict[str, str]]]:
+    """The chosen stream as the whole 16 kHz wav, no longer than the limit; its duration
+    checked against the container's (damage shifts every later timestamp)."""
+    limit = ctx.settings.daemon.max_duration_seconds
+    parser = ProgressParser(info.duration, ctx.progress, 0.0, 0.8)
+    await convert(ctx.input, audio, WAV, tools, ctx.limits, progress=parser,
+                  stream=stream.index, duration=limit + 1.0)
+    duration = await asyncio.to_thread(wav_duration, audio)
+    if duration < MIN_DURATION:
+        raise Permanent(f"{ctx.input.name} holds no audio samples", reason="empty")
+    if duration > limit:
+        raise too_long(ctx.input.name, duration, limit, "decodes to more than")
+    expected = stream.duration or info.duration
+    if expected is None or abs(duration - expected) <= drift_allowed(expected):
+        return duration, []
+    return await _mend(ctx, info, stream, audio, tools, duration, expected)
+
+
+async def _mend(ctx: StepContext, info: MediaInfo, stream: AudioStream, audio: Path,
+                tools: Tools, duration: float, expected: float,
+                ) -> tuple[float, list[dict[str, str]]]:
+    """A decode that lost (or gained) time. In a constant-bitrate stream without a container
+    the byte position is the clock: decoding again with timestamps from it puts silence where
+    the damage was. Otherwise the file is flagged: later timestamps may be off."""
+    name, log = ctx.input.name, ctx.log.bind(probed=round(expected, 3))
+    if info.format_name in CLOCKED_BY_POSITION and stream.bit_rate:
+        mended = audio.with_name("mended.wav")
+        clock = (f"asetpts=POS*8/{stream.bit_rate}/TB,asetpts=PTS-STARTPTS,"
+                 "aresample=async=1")
+        await convert(ctx.input, mended, WAV, tools, ctx.limits, stream=stream.index,
+                      duration=ctx.settings.daemon.max_duration_seconds + 1.0,
+                      audio_filter=clock)
+        fixed = await asyncio.to_thread(wav_duration, mended)
+        if abs(fixed - expected) <= drift_allowed(expected):
+            await asyncio.to_thread(mended.replace, audio)
+            log.warning("damaged_media_mended", decoded=round(duration, 3), mended=fixed)
+            return fixed, [file_warning("preprocess", "damaged_media", (
+                f"{name} is damaged: {expected - duration:.1f} s of its audio could not be "
+                "decoded and is silence in the transcript; timestamps stay on the "
+                "source's clock"))]
+        await asyncio.to_thread(mended.unlink, missing_ok=True)
+    log.warning("damaged_media", decoded=round(duration, 3))
+    return duration, [file_warning("preprocess", "damaged_media", (
+        f"{name} is damaged: its audio decodes to {duration:.1f} s but the file says "
+        f"{expected:.1f} s; timestamps after the damage may be off by up to "
+        f"{abs(expected - duration):.1f} s"))]
 
 
 async def _split(audio: Path, duration: float, target: ChunkTarget, tools: Tools,
@@ -431,9 +590,8 @@ async def _split(audio: Path, duration: float, target: ChunkTarget, tools: Tools
         return (Chunk(audio, 0.0, duration),)
     silences = (await detect_silences(audio, tools, ctx.limits, duration, folder)
                 if duration > limit else [])
-    bounds = [0.0, *plan_cuts(duration, limit, silences), duration]
     chunks = []
-    for index, (start, end) in enumerate(itertools.pairwise(bounds)):
+    for index, (start, end) in enumerate(chunk_spans(duration, limit, silences)):
         path = folder / f"chunk-{index:03d}{target.format.suffix}"
         await convert(audio, path, target.format, tools, ctx.limits, start=start,
                       duration=end - start)
@@ -471,7 +629,9 @@ class PreprocessStep:
     async def run(self, ctx: StepContext) -> StepResult:
         target = ChunkTarget.from_settings(ctx.step_settings)
         prepared = await prepare_audio(ctx, ctx.workdir, self.tools.get(), target)
-        return StepResult(media=prepared.audio, facts=prepared.facts())
+        artifacts = await asyncio.to_thread(write_warnings, ctx.workdir, ctx.job.stem,
+                                            ctx.job.name, prepared.warnings)
+        return StepResult(artifacts=artifacts, media=prepared.audio, facts=prepared.facts())
 
     async def aclose(self) -> None:
         return None

@@ -40,16 +40,21 @@ def load_model(args: argparse.Namespace) -> Any:
 def transcribe(model: Any, label: str, request: dict[str, Any], out: TextIO) -> dict[str, Any]:
     segments, info = model.transcribe(
         request["audio"], language=request.get("language"), beam_size=request["beam_size"],
-        vad_filter=request["vad_filter"])
+        vad_filter=request["vad_filter"],
+        word_timestamps=bool(request.get("word_timestamps", False)))
     kept = []
     for segment in segments:
         kept.append({"start": segment.start, "end": segment.end, "text": segment.text.strip(),
                      "avg_logprob": segment.avg_logprob,
-                     "no_speech_prob": segment.no_speech_prob})
+                     "no_speech_prob": segment.no_speech_prob,
+                     "words": [{"start": w.start, "end": w.end, "word": w.word.strip(),
+                                "probability": w.probability} for w in segment.words or ()]})
         fraction = min(1.0, segment.end / info.duration) if info.duration else 0.0
         send(out, {"event": "progress", "fraction": fraction})
+    # A language given in the request was not detected: it has no probability.
+    probability = None if request.get("language") else info.language_probability
     transcript = {"language": info.language, "duration": info.duration, "model": label,
-                  "segments": kept}
+                  "language_probability": probability, "segments": kept}
     return {"event": "result", "transcript": transcript}
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+from xml.parsers.expat import ExpatError
 
 from traxd.config import Settings
 from traxd.errors import Permanent, Retry, TraxdError
@@ -27,6 +28,14 @@ LINK_SUFFIXES = (".url", ".webloc", ".txt")
 MAX_LINK_FILE = 1 << 20  # bytes; a bigger "link file" is something else
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s<>\"']+")
 _URL_LINE = re.compile(r"^\s*URL\s*=\s*(\S+)", re.IGNORECASE | re.MULTILINE)
+_LINK_LIST_LINE = re.compile(r"\s*(#.*|https?://\S+)?\s*")
+
+
+def is_link_list(text: str) -> bool:
+    """Whether a text is a list of links: every line a link, a comment (#) or blank, and at
+    least one link (a `notes.txt` beside recordings is not)."""
+    matches = [_LINK_LIST_LINE.fullmatch(line) for line in text.splitlines()]
+    return all(matches) and any((m.group(1) or "").startswith("http") for m in matches if m)
 
 
 def read_links(path: Path) -> list[str]:
@@ -36,6 +45,10 @@ def read_links(path: Path) -> list[str]:
         links = [_webloc_url(data, path.name)]
     else:
         text = data.decode("utf-8", "replace")
+        if path.suffix.lower() == ".txt" and not is_link_list(text):
+            raise Permanent(f"{path.name} is a text file but not a list of links (one link per "
+                            "line, # for comments): there is nothing in it to download",
+                            reason="not_links")
         links = (_URL_LINE.findall(text) if path.suffix.lower() == ".url" else []) or \
             _URL.findall(text)
     links = list(dict.fromkeys(link.rstrip(".,;)") for link in links))
@@ -49,7 +62,7 @@ def read_links(path: Path) -> list[str]:
 def _webloc_url(data: bytes, name: str) -> str:
     try:
         document = plistlib.loads(data)
-    except (plistlib.InvalidFileException, ValueError) as exc:
+    except (plistlib.InvalidFileException, ValueError, ExpatError) as exc:
         raise Permanent(f"{name} is not a valid .webloc (plist) file", reason="no_link") from exc
     url = document.get("URL") if isinstance(document, dict) else None
     if not isinstance(url, str):
@@ -147,7 +160,8 @@ class DownloadStep:
         limits = self.settings.download
         job = {"url": link, "folder": str(ctx.workdir.absolute()), "archive": str(self.archive),
                "max_filesize": limits.max_filesize_mb * 2**20,
-               "max_duration": limits.max_duration_seconds}
+               "max_duration": limits.max_duration_seconds,
+               "allow_private": limits.allow_private}
         argv = [sys.executable, "-m", "traxd.pipeline.ytdlp_worker", json.dumps(job)]
         answer = _Answer(ctx.progress)
         result = await run_process(argv, limits=ctx.limits, on_stdout_line=answer)

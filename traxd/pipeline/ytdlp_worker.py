@@ -1,6 +1,7 @@
 """The download process of the `download` step: `python -m traxd.pipeline.ytdlp_worker JOB`.
 
-JOB is a JSON object (url, folder, archive, max_filesize, max_duration). yt-dlp runs here,
+JOB is a JSON object (url, folder, archive, max_filesize, max_duration, allow_private).
+Every connection is checked by traxd.pipeline.netguard first. yt-dlp runs here,
 not in the daemon, so that a download can be stopped at any moment. Answers are JSON lines
 on stdout: {"event": "progress"} any number of times, then one of "done", "archived",
 "playlist" or "error" (with a category: "retry" or "permanent"). The daemon records a
@@ -16,11 +17,18 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
+from urllib.parse import urljoin
 
 from traxd.errors import Category, classify_http_status
+from traxd.pipeline import netguard
 from traxd.pipeline.jsonlines import protocol_stream, send
 
 PLAYLIST_LIMIT = 500
+REDIRECTS = (301, 302, 303, 307, 308)
+
+
+class TooLarge(Exception):
+    """More bytes arrived than max_filesize allows (a body without Content-Length)."""
 
 
 class Messages:
@@ -64,7 +72,13 @@ def duration_filter(limit: float) -> Callable[..., str | None]:
 
 
 def options(job: dict[str, Any], log: Messages, out: TextIO) -> dict[str, Any]:
+    limit = job["max_filesize"]
+
     def hook(status: dict[str, Any]) -> None:
+        received = status.get("downloaded_bytes") or 0
+        if received > limit:  # yt-dlp checks only a Content-Length it is given
+            raise TooLarge(f"the download passed max_filesize_mb ({limit / 2**20:.0f} MB) "
+                           "and was stopped")
         total = status.get("total_bytes") or status.get("total_bytes_estimate")
         if status.get("status") == "downloading" and total:
             send(out, {"event": "progress", "fraction": status["downloaded_bytes"] / total})
@@ -98,6 +112,7 @@ def download(job: dict[str, Any], log: Messages, out: TextIO) -> dict[str, Any]:
 
     archive = Path(job["archive"])
     with YoutubeDL(options(job, log, out)) as ydl:
+        only_urllib(ydl)
         info = ydl.extract_info(job["url"], download=False)
         if info is None:
             return _error("permanent", "nothing to download", log)
@@ -134,7 +149,8 @@ def causes(exc: BaseException) -> Iterator[BaseException]:
         yield current
         exc_info = getattr(current, "exc_info", None)
         todo += [current.__cause__, current.__context__,
-                 exc_info[1] if isinstance(exc_info, tuple) and len(exc_info) > 1 else None]
+                 exc_info[1] if isinstance(exc_info, tuple) and len(exc_info) > 1 else None,
+                 *getattr(current, "unexpected_errors", ())]  # NoSupportingHandlers
 
 
 def category_of(exc: BaseException) -> str:
@@ -148,14 +164,50 @@ def category_of(exc: BaseException) -> str:
     return "retry" if any(isinstance(c, retryable) for c in causes(exc)) else "permanent"
 
 
+def only_urllib(ydl: Any) -> None:
+    """Every request through urllib, whose redirects guard_redirects checks: yt-dlp would
+    prefer `requests` or curl_cffi where they are installed, and curl resolves names itself,
+    out of netguard's sight."""
+    from yt_dlp.networking._urllib import UrllibRH
+
+    ydl._request_director = ydl.build_request_director([UrllibRH])
+
+
+def guard_redirects() -> None:
+    """Check the target of every redirect before urllib follows it (netguard checks the
+    address when it connects; this refuses ftp:, file: and data: with a clear reason)."""
+    from yt_dlp.networking._urllib import RedirectHandler
+
+    follow = RedirectHandler.http_error_302
+
+    def checked(self: Any, req: Any, fp: Any, code: int, msg: str, headers: Any) -> Any:
+        target = headers.get("location") or headers.get("uri")
+        if target:
+            netguard.check_redirect(urljoin(req.full_url, target))
+        return follow(self, req, fp, code, msg, headers)
+
+    for code in REDIRECTS:
+        setattr(RedirectHandler, f"http_error_{code}", checked)
+
+
+def failure(exc: BaseException) -> dict[str, Any]:
+    """The error answer: a refusal of ours says why in its own words."""
+    for cause in causes(exc):
+        if isinstance(cause, netguard.AddressRefused | TooLarge):
+            return {"event": "error", "category": "permanent", "message": str(cause)}
+    return {"event": "error", "category": category_of(exc), "message": str(exc)}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     job = json.loads((argv or sys.argv[1:])[0])
     out = protocol_stream()
     log = Messages()
     try:
+        netguard.install(bool(job.get("allow_private")))
+        guard_redirects()
         reply = download(job, log, out)
     except Exception as exc:  # every failure goes back to the daemon, classified
-        reply = {"event": "error", "category": category_of(exc), "message": str(exc)}
+        reply = failure(exc)
     send(out, reply)
     return 0
 
