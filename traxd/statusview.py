@@ -5,10 +5,11 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.table import Table
@@ -55,7 +56,35 @@ def status_renderable(data: Mapping[str, Any], now: float) -> RenderableType:
         parts.append(_running_table(inboxes, now))
     if paused := data.get("backends_paused"):
         parts.append(_backends_table(paused))
+    if cluster := data.get("cluster"):
+        parts.extend(_cluster_tables(cluster, now))
     return Group(*parts)
+
+
+def _cluster_tables(cluster: Mapping[str, Any], now: float) -> list[RenderableType]:
+    """Workers (host, queues, busy, last heartbeat) and the steps in flight on them."""
+    workers = Table(title=f"Workers ({cluster.get('broker', '?')})", title_justify="left")
+    for column in ("Worker", "Queues", "Busy", "Heartbeat", "Running"):
+        workers.add_column(column)
+    for worker in cluster.get("workers") or []:
+        beat = format_duration(now - float(worker.get("last_heartbeat") or now)) + " ago"
+        workers.add_row(str(worker.get("worker")), ",".join(worker.get("queues") or []),
+                        f"{worker.get('busy', 0)}/{worker.get('threads', '?')}",
+                        Text(beat, style="green" if worker.get("alive") else "red"),
+                        ", ".join(worker.get("steps") or []) or "-")
+    depths = ", ".join(f"{q} {n}" for q, n in sorted((cluster.get("queues") or {}).items()))
+    parts: list[RenderableType] = [workers, Text(f"Queued messages: {depths or '-'}")]
+    if not cluster.get("reachable", True):
+        parts.append(Text("Redis cannot be reached: steps wait for it", style="bold red"))
+    flights = Table(title="Steps in flight", title_justify="left")
+    for column in ("Inbox", "File", "Step", "Queue", "Worker"):
+        flights.add_column(column)
+    for step in cluster.get("in_flight") or []:
+        flights.add_row(str(step.get("inbox")), str(step.get("file")), str(step.get("step")),
+                        str(step.get("queue")), str(step.get("worker") or "queued"))
+    if cluster.get("in_flight"):
+        parts.append(flights)
+    return parts
 
 
 def _headline(data: Mapping[str, Any], now: float) -> Text:
@@ -73,22 +102,35 @@ def _headline(data: Mapping[str, Any], now: float) -> Text:
     return line
 
 
-def _inbox_table(inboxes: Sequence[Mapping[str, Any]], now: float) -> Table:
-    table = Table(title="Inboxes", title_justify="left")
+def _inbox_table(inboxes: Sequence[Mapping[str, Any]], now: float) -> RenderableType:
+    table = _table("Inboxes")
     for column in ("Inbox", "State", "Queued", "Running", "Done", "Failed", "Rate/h", "ETA",
-                   "Schedule", "Window"):
-        table.add_column(column, justify="right" if column in _NUMERIC else "left")
+                   "Window"):
+        table.add_column(column, justify="right" if column in _NUMERIC else "left",
+                         no_wrap=column in _NUMERIC, overflow="fold",
+                         min_width=10 if column == "Inbox" else None)
+    notes: list[RenderableType] = []
     for inbox in inboxes:
+        name, schedule = str(inbox.get("name", "?")), str(inbox.get("schedule", "always"))
+        opens = _opens(inbox.get("next_window"), schedule)
         table.add_row(
-            str(inbox.get("name", "?")), _state(inbox), str(inbox.get("queued", 0)),
+            name, _state(inbox), str(inbox.get("queued", 0)),
             str(len(inbox.get("running") or [])), str(inbox.get("done", 0)),
             _failed(int(inbox.get("failed", 0))), f"{float(inbox.get('rate_per_hour', 0)):.1f}",
-            _eta(inbox.get("eta_seconds")), str(inbox.get("schedule", "always")),
-            _window(inbox.get("next_window"), inbox.get("schedule", "always"), now))
-    return table
+            _eta(inbox.get("eta_seconds")), _window(opens, now))
+        if schedule != "always":
+            notes.append(_window_note(name, schedule, opens, now))
+    return Group(table, *notes) if notes else table
+
+
+def _table(title: str) -> Table:
+    """A table that fits 80 columns: a rule under the header, no outer padding."""
+    return Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False,
+                 pad_edge=False, padding=(0, 1, 0, 0))
 
 
 _NUMERIC = frozenset({"Queued", "Running", "Done", "Failed", "Rate/h", "ETA"})
+_ALWAYS = datetime.min.replace(tzinfo=UTC)  # the window of "always": open since ever
 
 
 def _state(inbox: Mapping[str, Any]) -> Text:
@@ -109,26 +151,44 @@ def _eta(seconds: object) -> str:
     return format_duration(float(seconds)) if isinstance(seconds, int | float) else "-"
 
 
-def _window(next_window: object, schedule: object, now: float) -> Text:
+def _opens(next_window: object, schedule: str) -> datetime | None:
+    """When the inbox's window next opens (in the past: open now); None: never."""
     if schedule == "always":
-        return Text("open", style="green")
+        return _ALWAYS
     if not isinstance(next_window, str):
-        return Text("never", style="red")
+        return None
     try:
-        opens = datetime.fromisoformat(next_window)
+        return datetime.fromisoformat(next_window)
     except ValueError:
-        return Text(next_window)
+        return None
+
+
+def _window(opens: datetime | None, now: float) -> Text:
+    if opens is None:
+        return Text("never", style="red")
     wait = opens.timestamp() - now
     if wait <= 1:
         return Text("open", style="green")
-    clock = opens.astimezone().strftime("%a %H:%M")
-    return Text(f"opens {clock} (in {format_duration(wait)})", style="yellow")
+    return Text(f"in {format_duration(wait)}", style="yellow")
+
+
+def _window_note(name: str, schedule: str, opens: datetime | None, now: float) -> Text:
+    """`nightly: works in the window 0 1-5 * * *; opens Wed 01:00 (in 3h 20m)`."""
+    if opens is None:
+        when = "it never opens"
+    elif opens.timestamp() - now <= 1:
+        when = "open now"
+    else:
+        when = (opens.astimezone().strftime("opens %a %H:%M")
+                + f" (in {format_duration(opens.timestamp() - now)})")
+    return Text(f"{name}: works in the window {schedule}; {when}")
 
 
 def _running_table(inboxes: Sequence[Mapping[str, Any]], now: float) -> Table:
-    table = Table(title="Running jobs", title_justify="left")
+    table = _table("Running jobs")
     for column in ("Inbox", "File", "Step", "Progress", "Elapsed"):
-        table.add_column(column, justify="right" if column == "Elapsed" else "left")
+        table.add_column(column, justify="right" if column == "Elapsed" else "left",
+                         no_wrap=column in ("Progress", "Elapsed"), overflow="fold")
     for inbox in inboxes:
         for job in inbox.get("running") or []:
             started = job.get("started_at")
@@ -140,7 +200,8 @@ def _running_table(inboxes: Sequence[Mapping[str, Any]], now: float) -> Table:
 
 
 def _backends_table(paused: Mapping[str, Any]) -> Group:
-    table = Table(title="Paused backends", title_justify="left", title_style="bold red")
+    table = _table("Paused backends")
+    table.title_style = "bold red"
     table.add_column("Backend")
     table.add_column("Why")
     for backend, reason in sorted(paused.items()):

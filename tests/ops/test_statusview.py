@@ -46,13 +46,29 @@ def test_status_shows_queues_jobs_backends_and_windows() -> None:
     assert "traxd 0.1.0" in text and "up 3h 01m" in text
     assert "workers 2/8 allowed" in text and "throttled: memory" in text
     podcasts = next(line for line in text.splitlines() if "podcasts" in line and "12" in line)
-    for cell in ["active", "12", "40", "2", "6.0", "2h 10m", "always", "open"]:
+    for cell in ["active", "12", "40", "2", "6.0", "2h 10m", "open"]:
         assert cell in podcasts
     nightly = next(line for line in text.splitlines() if "nightly" in line)
-    assert "paused" in nightly and "0 1-5 * * *" in nightly and "(in 3h 1" in nightly
+    assert "paused" in nightly and "in 3h 1" in nightly
+    note = next(line for line in text.splitlines() if line.startswith("nightly:"))
+    assert "works in the window 0 1-5 * * *; opens" in note and "(in 3h 1" in note
     assert "ep-42.mp3" in text and "transcribe" in text and " 50%" in text and "2m 05s" in text
     assert "Running jobs" in text and "Paused backends" in text
     assert "openai" in text and "401: invalid API key" in text
+
+
+def test_status_fits_80_columns_without_cutting_words() -> None:
+    out = io.StringIO()
+    render_status(sample_status(time.time()), Console(file=out, width=80, color_system=None))
+    lines = out.getvalue().splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert "…" not in out.getvalue()
+    header = next(line for line in lines if line.startswith("Inbox "))
+    assert header.split() == ["Inbox", "State", "Queued", "Running", "Done", "Failed",
+                              "Rate/h", "ETA", "Window"]
+    podcasts = next(line for line in lines if line.startswith("podcasts "))
+    assert podcasts.split() == ["podcasts", "active", "12", "1", "40", "2", "6.0", "2h", "10m",
+                                "open"]
 
 
 def test_an_idle_daemon_has_no_running_or_backend_tables() -> None:
