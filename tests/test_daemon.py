@@ -197,15 +197,24 @@ def test_sigterm_during_work_stops_cleanly_and_resumes(tmp_path: Path) -> None:
     assert files_under(root / "outputs") == ["long.txt"]
 
 
-def test_duplicate_content_is_skipped(tmp_path: Path) -> None:
+def test_duplicate_content_is_not_processed_again_but_gets_its_outputs(tmp_path: Path) -> None:
+    # Given a file done, with its output
     root, config, ledger = setup_inbox(tmp_path)
-    with running_daemon(config, tmp_path / "log"):
+    with running_daemon(config, tmp_path / "log") as daemon:
         (root / "inbox" / "one.mp3").write_bytes(b"same")
         wait_until(lambda: files_under(root / "done") == ["one.mp3"], 30, message="one done")
+        # When the same bytes arrive under another name
         (root / "inbox" / "two.mp3").write_bytes(b"same")
         wait_until(lambda: len(files_under(root / "done")) == 2, 30, message="two moved")
+        log = daemon.log_text()
+    # Then the step did not run again, the copy got the original's output under its own
+    # name, and the log names the original
     assert ledger.read_text().split() == ["one.mp3"]
-    assert files_under(root / "outputs") == ["one.txt"]
+    assert files_under(root / "outputs") == ["one.txt", "two.txt"]
+    assert (root / "outputs" / "two.txt").read_bytes() == b"same"
+    found = next(json.loads(line) for line in log.splitlines() if '"duplicate_found"' in line)
+    assert (found["file"], found["original"], found["outputs"]) == (
+        "two.mp3", "one.mp3", ["two.txt"])
 
 
 def test_a_second_daemon_on_the_same_state_refuses(tmp_path: Path) -> None:

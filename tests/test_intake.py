@@ -88,7 +88,7 @@ def duplicates() -> list[Job]:
 @pytest.fixture
 async def intake(settings: Settings, journal: Journal,
                  duplicates: list[Job]) -> AsyncIterator[Intake]:
-    intake = Intake(settings, journal, duplicates.append)
+    intake = Intake(settings, journal, lambda job, original: duplicates.append(job))
     yield intake
     intake.close()
 
@@ -151,7 +151,7 @@ async def test_a_file_still_changing_is_queued_only_once_quiet(
         settings: Settings, inbox: Path, journal: Journal, monkeypatch: pytest.MonkeyPatch) -> None:
     # Given a clock the test moves (settle_seconds = 0.2) and a hash function that counts
     clock = Clock()
-    intake = Intake(settings, journal, lambda job: None, clock=clock)
+    intake = Intake(settings, journal, lambda job, original: None, clock=clock)
     hashed: list[Path] = []
     real_hash = intake_module.sha256_file
 
@@ -207,7 +207,7 @@ async def test_a_seen_file_that_vanishes_is_forgotten(
         settings: Settings, inbox: Path, journal: Journal) -> None:
     # Given a seen file that has not settled yet (the clock is the test's)
     clock = Clock()
-    intake = Intake(settings, journal, lambda job: None, clock=clock)
+    intake = Intake(settings, journal, lambda job, original: None, clock=clock)
     try:
         intake.announce_many([drop(inbox, "brief.mp3", b"x")])
         await until(lambda: journal.unclaimed("main", "brief.mp3"), what="seen")
@@ -237,10 +237,10 @@ async def test_a_file_already_done_is_handed_on_as_a_duplicate(
     # Given a file processed before (done) and the duplicate policy
     settings = dataclasses.replace(
         settings, daemon=dataclasses.replace(settings.daemon, on_duplicate=policy))
-    finished_job(journal, "old.mp3", b"same bytes", JobState.DONE)
+    old = finished_job(journal, "old.mp3", b"same bytes", JobState.DONE)
     await asyncio.to_thread(journal.sync)
-    duplicates: list[Job] = []
-    intake = Intake(settings, journal, duplicates.append)
+    duplicates: list[tuple[Job, int]] = []
+    intake = Intake(settings, journal, lambda job, original: duplicates.append((job, original)))
     try:
         # When the same bytes arrive under another name, beside a new file
         intake.announce_many([drop(inbox, "again.mp3", b"same bytes"),
@@ -248,8 +248,9 @@ async def test_a_file_already_done_is_handed_on_as_a_duplicate(
         await until(lambda: len(queued(journal)) == 2, what="queued")
         # Then (policy skip) the copy is queued and handed to on_duplicate; the other is not
         if policy == "skip":
-            assert [(j.rel_path, j.state) for j in duplicates] == [("again.mp3", JobState.QUEUED)]
-            assert duplicates[0].sha256 == sha(b"same bytes")
+            assert [(j.rel_path, j.state, original) for j, original in duplicates] == [
+                ("again.mp3", JobState.QUEUED, old.id)]
+            assert duplicates[0][0].sha256 == sha(b"same bytes")
         else:
             assert duplicates == []
     finally:

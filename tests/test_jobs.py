@@ -7,8 +7,10 @@ import dataclasses
 import errno
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,6 +25,7 @@ from traxd.journal import Job, JobState, Journal
 from traxd.moves import Ending, Mover
 from traxd.pipeline.base import RECORD_WHEN_DONE, StepContext, StepResult
 from traxd.pipeline.command import render_argv
+from traxd.pipeline.formats import WARNINGS_FACT, file_warning
 from traxd.pipeline.registry import StepRegistry
 
 
@@ -33,6 +36,7 @@ class ScriptedStep:
     name: str
     errors: list[Exception] = field(default_factory=list)
     runs: int = 0
+    facts: dict[str, Any] = field(default_factory=dict)
 
     async def run(self, ctx: StepContext) -> StepResult:
         self.runs += 1
@@ -40,7 +44,7 @@ class ScriptedStep:
             raise self.errors.pop(0)
         out = ctx.workdir / f"{ctx.job.stem}.{self.name}"
         out.write_text(f"{self.name} of {ctx.input.name}")
-        return StepResult(artifacts={out.name: out}, facts={"duration": 2.5})
+        return StepResult(artifacts={out.name: out}, facts={"duration": 2.5, **self.facts})
 
     async def aclose(self) -> None:
         return None
@@ -341,6 +345,21 @@ async def test_a_failed_enhancement_keeps_the_finished_transcript(settings: Sett
     assert files_under(h.folders.failed) == []
 
 
+async def test_a_failed_enhancement_keeps_the_warnings_of_the_steps_before(
+        settings: Settings) -> None:
+    # Given a transcript step that warns about the file, and an enhancement that fails
+    damaged = file_warning("preprocess", "damaged", "decoded 35.9 s of 60.0 s")
+    h = Harness(settings, ScriptedStep("txt", facts={WARNINGS_FACT: [damaged]}),
+                ScriptedStep("enhance", [Permanent("HTTP 400", reason="http")]))
+    job = h.drop("talk.mp3")
+    # When the job runs
+    assert await h.run(job) is Outcome.DONE
+    # Then the warnings file names both: the damage and the failed enhancement
+    warning = json.loads((h.folders.outputs / "talk.warnings.json").read_text())
+    assert [w["step"] for w in warning["warnings"]] == ["preprocess", "enhance"]
+    assert warning["warnings"][0] == damaged
+
+
 async def test_a_retry_after_longer_than_the_back_off_cap_is_capped(settings: Settings) -> None:
     # Given a step whose provider says Retry-After: one day
     h = Harness(settings, ScriptedStep("a", [Retry("HTTP 429", reason="http_429", defer=86400)]))
@@ -384,3 +403,40 @@ async def test_a_record_is_written_only_when_the_job_is_done(settings: Settings,
     # And when it is done, the record is written once
     assert await h.run(h.drop("talk2.mp3")) is Outcome.DONE
     assert ledger.read_text() == "talk2.mp3\n"
+
+
+def test_a_claim_never_loses_its_folder_to_another_claim_emptying_it(
+        settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given two files in one sub-folder, claimed by two batches in two threads, the first
+    # held between its rename and its folder sync for as long as the second takes
+    h = Harness(settings)
+    mover = h.runner.mover
+    first, second = h.drop("album/one.mp3"), h.drop("album/two.mp3")
+    second_done = threading.Event()
+    real_sync = folders.fsync_dirs
+    held = [True]
+
+    def sync_after_the_other(paths: set[Path]) -> None:
+        if held[0] and threading.current_thread().name == "first":
+            held[0] = False
+            second_done.wait(3)  # without the lock the second claim empties album/ now
+        real_sync(paths)
+
+    monkeypatch.setattr(moves, "fsync_dirs", sync_after_the_other)
+    errors: dict[str, list[Exception | None]] = {}
+
+    def claim(name: str, job: Job) -> None:
+        errors[name] = mover.claim(mover.plan_claims([job]))
+        if name == "second":
+            second_done.set()
+
+    threads = [threading.Thread(target=claim, args=("first", first), name="first"),
+               threading.Thread(target=claim, args=("second", second), name="second")]
+    threads[0].start()
+    threads[1].start()
+    for thread in threads:
+        thread.join(10)
+    # Then both claims worked, and the emptied folder went only after both were done
+    assert errors == {"first": [None], "second": [None]}
+    assert files_under(h.folders.processing) == ["album/one.mp3", "album/two.mp3"]
+    assert not (h.folders.inbox / "album").exists()

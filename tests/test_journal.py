@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import wait_until
 from traxd.errors import AlreadyRunning, JournalError
 from traxd.journal import Job, JobState, Journal, StateLock, TransitionError
 from traxd.store import HOT_QUERIES
@@ -127,7 +128,7 @@ async def test_writes_are_committed_in_groups_and_awaited_before_moves(tmp_path:
     # Given a journal whose writer is held up (a slow disk)
     journal = Journal.open(tmp_path / "j.sqlite3")
     gate = threading.Event()
-    commit = journal.store._commit
+    commit = journal.store._commit_held
     commits: list[int] = []
 
     def slow_commit(batch: list[tuple[str, object]]) -> BaseException | None:
@@ -135,7 +136,7 @@ async def test_writes_are_committed_in_groups_and_awaited_before_moves(tmp_path:
         commits.append(len(batch))
         return commit(batch)  # type: ignore[arg-type]
 
-    journal.store._commit = slow_commit  # type: ignore[assignment,method-assign]
+    journal.store._commit_held = slow_commit  # type: ignore[assignment,method-assign]
     # When 500 transitions happen and a mover awaits durability
     for n in range(250):
         queued(journal, f"f{n}.mp3")
@@ -147,6 +148,43 @@ async def test_writes_are_committed_in_groups_and_awaited_before_moves(tmp_path:
     # Then they took a handful of commits, not one each, and all are on disk
     assert sum(commits) == 500 and len(commits) <= 3
     assert len(rows(tmp_path / "j.sqlite3")) == 250
+    journal.close()
+
+
+def test_a_refused_statement_costs_only_itself_not_its_group(tmp_path: Path) -> None:
+    # Given a group of writes in which SQLite refuses one statement (a bug)
+    store = Journal.open(tmp_path / "j.sqlite3").store
+    store.write("INSERT INTO jobs (inbox, rel_path, state, created, updated)"
+                " VALUES ('in', 'a.mp3', 'seen', 0, 0)", ())
+    store.write("INSERT INTO no_such_table VALUES (1)", ())
+    store.write("INSERT INTO jobs (inbox, rel_path, state, created, updated)"
+                " VALUES ('in', 'b.mp3', 'seen', 0, 0)", ())
+    # When it is committed
+    with pytest.raises(JournalError, match="no_such_table"):
+        store.sync()
+    # Then the statements around it are on disk
+    names = sorted(r["rel_path"] for r in rows(tmp_path / "j.sqlite3").values())
+    assert names == ["a.mp3", "b.mp3"]
+    store.close()
+
+
+def test_a_group_that_meets_a_locked_journal_waits_and_is_committed_later(tmp_path: Path) -> None:
+    # Given another connection that holds the journal's write lock
+    journal = Journal.open(tmp_path / "j.sqlite3")
+    holder = sqlite3.connect(tmp_path / "j.sqlite3", isolation_level=None, timeout=0)
+    holder.execute("BEGIN IMMEDIATE")
+    journal.store._conn.execute("PRAGMA busy_timeout=0")
+    # When transitions are written
+    queued(journal, "a.mp3")
+    synced = threading.Thread(target=journal.store.sync)
+    synced.start()
+    wait_until(lambda: journal.store.problem is not None, 10, message="held")
+    assert synced.is_alive() and rows(tmp_path / "j.sqlite3") == {}
+    # Then once the lock is gone they are committed, nothing lost
+    holder.execute("ROLLBACK")
+    synced.join(10)
+    assert not synced.is_alive() and journal.store.problem is None
+    assert [r["rel_path"] for r in rows(tmp_path / "j.sqlite3").values()] == ["a.mp3"]
     journal.close()
 
 

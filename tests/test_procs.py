@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from pathlib import Path
 
 import psutil
 
-from traxd.procs import PUMP_CHUNK, ProcessLimits, run_process
+from traxd.procs import PUMP_CHUNK, ProcessLimits, _Watch, _watch, run_process
 
 PROGRESS = (
     "import sys\n"
@@ -55,3 +56,24 @@ async def test_a_command_that_leaves_a_child_behind_ends_when_it_exits(tmp_path:
     async with asyncio.timeout(10):  # SIGKILL is delivered asynchronously
         while psutil.pid_exists(child) and psutil.Process(child).status() != psutil.STATUS_ZOMBIE:
             await asyncio.sleep(0.01)
+
+
+async def test_time_the_daemon_did_not_run_is_not_counted_as_a_stall() -> None:
+    # Given a quiet child (1 s asleep) watched with a 5 s stall limit, and a clock that
+    # jumps 60 s between two looks, as when the daemon itself was stopped (SIGSTOP)
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c",
+                                                "import time; time.sleep(1)")
+    jumps, ahead = iter([0.0, 0.0, 60.0]), [0.0]
+
+    def stopped_clock() -> float:
+        ahead[0] += next(jumps, 0.0)
+        return time.monotonic() + ahead[0]
+
+    watch = _Watch(stopped_clock())
+    limits = ProcessLimits(timeout=None, stall_seconds=5.0)
+    # When it is watched until it exits
+    watcher = asyncio.create_task(_watch(proc, limits, watch, clock=stopped_clock))
+    await proc.wait()
+    await asyncio.wait_for(watcher, 10)
+    # Then it was not judged stalled
+    assert watch.verdict is None

@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import shlex
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -24,16 +27,28 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from traxd.config import InboxSettings, Settings
+from traxd.config import InboxSettings, Settings, StepSpec
 from traxd.executor import LocalExecutor
-from traxd.folders import InboxFolders, scan, write_atomic
+from traxd.folders import InboxFolders, scan, why_not_a_folder, write_atomic
 from traxd.intake import sha256_file
-from traxd.jobs import BackendGate, JobRunner, Outcome
+from traxd.jobs import BackendGate, JobEnd, JobRunner, Outcome
 from traxd.journal import Job, JobState, Journal
 from traxd.moves import InPlaceMover
 from traxd.pipeline.registry import StepRegistry
+from traxd.pipeline.ytdlp import is_link_list
+from traxd.procs import watch_children_by_pidfd
+from traxd.reports import build_report, write_report
 
 BATCH_INBOX = "batch"
+OUTPUT_SUFFIX = ".transcripts"  # `talks/` -> `talks.transcripts/` beside it
+# Surely not media: skipped, with the reason, when the pipeline starts with a named step.
+NOT_MEDIA = frozenset({
+    ".pdf", ".doc", ".docx", ".odt", ".rtf", ".md", ".csv", ".json", ".xml", ".html", ".htm",
+    ".xls", ".xlsx", ".ppt", ".pptx", ".epub", ".jpg", ".jpeg", ".png", ".gif", ".heic",
+    ".webp", ".svg", ".bmp", ".tif", ".tiff", ".zip", ".gz", ".tar", ".7z", ".rar", ".srt",
+    ".vtt", ".ini", ".log", ".py", ".sh", ".exe", ".dmg", ".iso", ".db", ".sqlite3"})
+LINK_FILES = (".url", ".webloc", ".txt")
+MAX_LINK_FILE = 1 << 20  # bytes; a bigger text file is not a list of links
 
 
 @dataclass
@@ -42,6 +57,57 @@ class Tally:
     skipped: int = 0
     failed: int = 0
     bytes: int = 0
+    not_media: dict[str, str] = field(default_factory=dict)  # file -> why it was skipped
+
+
+def default_output(root: Path) -> Path:
+    """Where a batch of `root` writes without --output: its own folder beside it."""
+    return root.parent / f"{root.name or 'root'}{OUTPUT_SUFFIX}"
+
+
+def skip_reason(path: Path, pipeline: tuple[StepSpec, ...]) -> str | None:
+    """Why a file of a batch folder is not one to process; None when it is. A pipeline that
+    starts with a command takes any file."""
+    if not pipeline or not isinstance(pipeline[0], str):
+        return None
+    suffix = path.suffix.lower()
+    if suffix in NOT_MEDIA:
+        return f"not audio or video ({suffix})"
+    if suffix in LINK_FILES and "download" not in pipeline:
+        return "a link file, and the pipeline has no download step"
+    if suffix == ".txt" and not lists_links(path):
+        return "a text file that is not a list of links"
+    return None
+
+
+def lists_links(path: Path) -> bool:
+    """Whether each line of a text file is a link, a comment (#) or blank, and one a link."""
+    try:
+        with path.open("rb") as file:
+            data = file.read(MAX_LINK_FILE + 1)
+    except OSError:
+        return True  # the download step says why it cannot be read
+    if len(data) > MAX_LINK_FILE:
+        return False
+    return is_link_list(data.decode("utf-8", "replace"))
+
+
+class ConsoleLog:
+    """The log writer's stream while a progress bar shows: each line is printed through the
+    bar's console, above the bar instead of across it."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+
+    def write(self, text: str) -> int:
+        self.console.print(Text.from_ansi(text.rstrip("\n")), soft_wrap=True, highlight=False)
+        return len(text)
+
+    def flush(self) -> None:
+        return None
+
+    def isatty(self) -> bool:
+        return self.console.is_terminal
 
 
 class BatchRun:
@@ -59,6 +125,10 @@ class BatchRun:
                                 InPlaceMover({}))
         self.runner.folders[BATCH_INBOX] = InboxFolders(root, root, root, output, output)
         self.tally = Tally()
+        self.ends: list[JobEnd] = []  # for the report (traxd.reports)
+        self.runner.on_end = self.ends.append
+        self.again = f"traxd batch {shlex.quote(str(root))}"  # the command that resumes
+        self.interrupted = False
 
     def jobs(self) -> list[Job]:
         """A job per file not yet done; unchanged files done before are skipped (resume),
@@ -72,6 +142,9 @@ class BatchRun:
             path = self.root / rel
             if path.is_relative_to(self.output):
                 continue
+            if why := skip_reason(path, self.settings.inboxes[0].pipeline):
+                self.tally.not_media[rel] = why
+                continue
             info = path.lstat()
             key = (rel, info.st_size, info.st_mtime_ns)
             if key in done:
@@ -83,8 +156,30 @@ class BatchRun:
         return jobs
 
     async def run(self) -> int:
+        watch_children_by_pidfd()
         self._started = time.time()
-        jobs = self.jobs()
+        jobs = await asyncio.to_thread(self.jobs)
+        done_before = f"; {self.tally.skipped} done before" if self.tally.skipped else ""
+        self.console.print(f"traxd batch: {len(jobs)} to do in {self.root}{done_before}\n"
+                           f"outputs: {self.output}", markup=False, highlight=False,
+                           soft_wrap=True)
+        try:
+            await self._run_all(jobs)
+        except asyncio.CancelledError:  # Ctrl-C: what finished is kept, the rest resumes
+            self.interrupted = True
+        await self.runner.close()
+        await asyncio.to_thread(self.journal.sync)  # the report reads what is written
+        await asyncio.to_thread(self._report)
+        self.journal.close()
+        if self.interrupted:
+            left = len(jobs) - self.tally.done - self.tally.failed
+            self.console.print(f"interrupted: {left} of {len(jobs)} files not finished; "
+                               f"to resume, run again: {self.again}", markup=False,
+                               soft_wrap=True)
+            return 130
+        return 1 if self.tally.failed else 0
+
+    async def _run_all(self, jobs: list[Job]) -> None:
         gate = asyncio.Semaphore(self.settings.daemon.workers)
         with _progress_bar(self.console) as bar:
             task = bar.add_task("processing", total=len(jobs))
@@ -97,11 +192,6 @@ class BatchRun:
             async with asyncio.TaskGroup() as group:
                 for job in jobs:
                     group.create_task(one(job))
-        await self.runner.close()
-        await asyncio.to_thread(self.journal.sync)  # the report reads what is written
-        await asyncio.to_thread(self._report)
-        self.journal.close()
-        return 1 if self.tally.failed else 0
 
     async def _process(self, job: Job) -> None:
         if job.state is JobState.SEEN:
@@ -123,18 +213,33 @@ class BatchRun:
 
     def _report(self) -> None:
         failed = [j for j in self.journal.failed() if j.updated >= self._started]
-        failed += self.journal.live(JobState.WAITING)
+        waiting = self.journal.live(JobState.WAITING)
+        failed += waiting
         self._write_failed(failed)
-        table = Table(title=f"traxd batch: {self.root}")
-        for column in ("done", "skipped (done before)", "failed", "MB processed"):
+        self._write_report(len(waiting))
+        table = Table(title=Text(f"traxd batch: {self.root}"), title_justify="left")
+        for column in ("done", "failed", "done before", "not media", "MB processed"):
             table.add_column(column, justify="right")
-        table.add_row(str(self.tally.done), str(self.tally.skipped), str(self.tally.failed),
-                      f"{self.tally.bytes / 1e6:.1f}")
+        table.add_row(str(self.tally.done), str(self.tally.failed), str(self.tally.skipped),
+                      str(len(self.tally.not_media)), f"{self.tally.bytes / 1e6:.1f}")
         self.console.print(table)
         for job in failed:
             message = (job.error or {}).get("message", "")
-            self.console.print(f"[red]failed[/red] {job.rel_path}: {message}")
-        self.console.print(f"outputs: {self.output}")
+            self.console.print(f"[red]failed[/red] {escape(job.rel_path)}: {escape(message)}",
+                               soft_wrap=True)
+        for rel, why in sorted(self.tally.not_media.items()):
+            self.console.print(f"skipped {escape(rel)}: {escape(why)}", soft_wrap=True)
+        self.console.print(f"outputs: {self.output}", markup=False, highlight=False,
+                           soft_wrap=True)
+
+    def _write_report(self, waiting: int) -> None:
+        """The same report a daemon's batch gets, as report.json and report.md."""
+        others = {"waiting": waiting} if waiting else {}
+        report = build_report(uuid.uuid4().hex[:12], self._started, time.time() - self._started,
+                              self.ends, others)
+        for failure in report["failures"]:  # originals stay in place: no sidecar beside them
+            failure["sidecar"] = str(self.output / "failed.jsonl")
+        write_report(self.output, report, stem="report")
 
     def _write_failed(self, failed: list[Job]) -> None:
         lines = [json.dumps({"file": j.rel_path, **(j.error or {})}, ensure_ascii=False)
@@ -155,15 +260,31 @@ def _progress_bar(console: Console) -> Progress:
 
 
 def run_batch(settings: Settings, root: Path, output: Path | None, *, enhance: bool,
-              console: Console) -> int:
+              console: Console, config: Path | None = None) -> int:
     root = root.resolve()
     if not root.is_dir():
-        console.print(f"[red]traxd batch: {root} is not a folder[/red]")
+        console.print(f"[red]traxd batch: {escape(str(root))} is not a folder[/red]",
+                      soft_wrap=True)
         return 2
     inbox = settings.inboxes[0] if settings.inboxes else InboxSettings(BATCH_INBOX, root)
     if enhance and "enhance" not in inbox.pipeline:
         inbox = dataclasses.replace(inbox, pipeline=(*inbox.pipeline, "enhance"))
     settings = dataclasses.replace(settings, inboxes=(inbox,))
-    out = (output or root.parent / "outputs").resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    return asyncio.run(BatchRun(settings, root, out, console).run())
+    out = (output or default_output(root)).resolve()
+    empty = not (out / ".traxd").exists() and next(scan(root), None) is None
+    if empty and (out.is_dir() or not out.exists()):  # a file there: the message below
+        console.print(f"traxd batch: {root} holds no files; nothing to do", markup=False,
+                      soft_wrap=True)
+        return 0
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        console.print(f"[red]traxd batch: --output: {escape(why_not_a_folder(exc))}[/red]",
+                      soft_wrap=True)
+        return 2
+    run = BatchRun(settings, root, out, console)
+    if output is not None:
+        run.again += f" --output {shlex.quote(str(out))}"
+    if config is not None:
+        run.again += f" --config {shlex.quote(str(config))}"
+    return asyncio.run(run.run())

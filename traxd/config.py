@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import os
 import re
 import sys
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -37,10 +39,12 @@ class DaemonSettings:
     retry_backoff: float = 5.0
     retry_backoff_max: float = 3600.0
     step_timeout: float = 4 * 3600.0
+    max_duration_seconds: float = 12 * 3600.0  # longest media any input may hold
     stall_seconds: float = 600.0
     shutdown_grace: float = 30.0
     on_duplicate: Literal["skip", "reprocess"] = "skip"
     umask: int = 0o022
+    report_retention: float = 90 * 86400.0  # per-batch reports older than this are removed
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,9 @@ class InboxSettings:
     priority: int = 5
     schedule: str = "always"
     polling: Literal["auto", "always", "never"] = "auto"
+    notify: tuple[str, ...] | None = None  # its files' events told ([notify] events if None)
+    transcribe: TranscribeSettings | None = None  # [inbox.transcribe] over [transcribe]
+    enhance: EnhanceSettings | None = None  # [inbox.enhance] over [enhance]
 
     def sibling(self, folder: str) -> Path:
         return self.path.parent / folder
@@ -71,8 +78,13 @@ class TranscribeSettings:
     model: str = "tiny.en"
     language: str | None = None
     chunk_seconds: float = 600.0
-    beam_size: int = 1
-    vad_filter: bool = False
+    beam_size: int = 5  # faster-whisper's own; 1: ~20 % less time, ~28 % more word errors
+    vad_filter: bool = True  # local: skip non-speech (silence makes whisper invent words)
+    word_timestamps: bool = False  # words with their times in the json output
+    max_line_width: int | None = None  # srt/vtt: characters per line; None: no limit
+    max_line_count: int | None = None  # srt/vtt: lines per cue; None: no limit
+    # "beside": <name>.<lang>.srt/.vtt also beside the original in done/ (media servers)
+    subtitles: Literal["outputs", "beside"] = "outputs"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compute_type: str = "int8"
     processes: int = 0  # 0: chosen from the CPU count
@@ -80,6 +92,7 @@ class TranscribeSettings:
     idle_unload_seconds: float = 300.0
     base_url: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
+    api_key_file: Path | None = None  # read instead of the variable; again on resume
     timeout: float = 600.0
     requests_per_minute: int = 0  # 0: unlimited
     max_concurrent: int = 4
@@ -90,6 +103,7 @@ class EnhanceSettings:
     base_url: str = "https://api.deepseek.com"
     model: str = "deepseek-chat"
     api_key_env: str = "DEEPSEEK_API_KEY"
+    api_key_file: Path | None = None  # read instead of the variable; again on resume
     window_words: int = 1500
     overlap_words: int = 100
     max_change_ratio: float = 0.15
@@ -103,12 +117,46 @@ class DownloadSettings:
     max_filesize_mb: int = 2048
     max_duration_seconds: float = 6 * 3600.0
     archive: Path | None = None  # default: state_dir/download-archive.txt
+    allow_private: bool = False  # links may reach loopback, LAN and link-local addresses
 
 
 @dataclass(frozen=True)
 class ClusterSettings:
-    broker: str | None = None
-    queue: str = "traxd"
+    broker: str | None = None  # redis://host:port/db; None: steps run in the daemon
+    queue: str = "traxd"  # queues are <queue>.cpu, <queue>.gpu, <queue>.net
+    # Daemon path prefix -> this machine's prefix (set on the worker side).
+    path_map: tuple[tuple[str, str], ...] = ()
+    lease: float = 60.0  # a worker silent this long is dead: its steps go to another
+    work_dir: Path | None = None  # steps' folders, on shared storage (default state_dir/work)
+    queues: tuple[str, ...] = ("cpu", "gpu", "net")  # what `traxd worker` takes by default
+
+
+NOTIFY_EVENTS = ("batch_finished", "file_failed", "backend_paused", "backend_resumed",
+                 "disk_full", "daemon_stopped")
+
+
+@dataclass(frozen=True)
+class NotifySettings:
+    urls: tuple[str, ...] = ()  # Apprise URLs; they hold tokens: never logged
+    events: tuple[str, ...] = ("batch_finished", "file_failed", "backend_paused", "disk_full")
+    command: tuple[str, ...] = ()  # argv template; the event as JSON on stdin
+    group_seconds: float = 60.0  # failures are sent together, at most one message this often
+    retries: int = 3
+    timeout: float = 30.0  # one attempt of one notifier
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.urls or self.command) and bool(self.events)
+
+
+@dataclass(frozen=True)
+class WebSettings:
+    """The status page at / on metrics_address."""
+
+    page: bool = True
+    control: bool = False  # pause/resume/retry buttons; need the token
+    token_env: str = "TRAXD_WEB_TOKEN"  # noqa: S105 (a variable's name, not its value)
+    refresh_seconds: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -120,7 +168,33 @@ class Settings:
     enhance: EnhanceSettings = field(default_factory=EnhanceSettings)
     download: DownloadSettings = field(default_factory=DownloadSettings)
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
+    notify: NotifySettings = field(default_factory=NotifySettings)
+    web: WebSettings = field(default_factory=WebSettings)
     source: Path | None = None
+
+    @property
+    def key_variables(self) -> tuple[str, ...]:
+        """The environment variables named as holding API keys."""
+        own = tuple(s.api_key_env for i in self.inboxes for s in (i.transcribe, i.enhance)
+                    if s is not None)
+        return tuple(dict.fromkeys((self.transcribe.api_key_env, self.enhance.api_key_env,
+                                    *own)))
+
+    @property
+    def key_files(self) -> tuple[Path, ...]:
+        """The files named as holding API keys."""
+        sections = (self.transcribe, self.enhance,
+                    *(s for i in self.inboxes for s in (i.transcribe, i.enhance) if s))
+        return tuple(dict.fromkeys(s.api_key_file for s in sections if s.api_key_file))
+
+    def for_inbox(self, name: str) -> Settings:
+        """These settings with the inbox's own [inbox.transcribe] and [inbox.enhance] in
+        place of the global sections; unchanged for a name no inbox has."""
+        inbox = next((i for i in self.inboxes if i.name == name), None)
+        if inbox is None or (inbox.transcribe is None and inbox.enhance is None):
+            return self
+        return dataclasses.replace(self, transcribe=inbox.transcribe or self.transcribe,
+                                   enhance=inbox.enhance or self.enhance)
 
     def inbox(self, name: str) -> InboxSettings:
         for inbox in self.inboxes:
@@ -169,6 +243,8 @@ def load_settings(explicit: str | os.PathLike[str] | None = None) -> Settings:
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+MAX_DURATION = 366 * 86400.0  # longer waits overflow timers and clocks; no setting needs them
+MAX_INT = 2**31 - 1
 
 
 def parse_duration(value: object) -> float:
@@ -176,12 +252,18 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a duration such as 5, \"5s\", \"2m\" or \"1h\"")
     if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError("a duration cannot be negative")
-        return float(value)
-    if isinstance(value, str) and (match := _DURATION.match(value)):
-        return float(match.group(1)) * _UNITS[match.group(2)]
-    raise ValueError(f"expected a duration such as 5, \"5s\", \"2m\" or \"1h\", not {value!r}")
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION.match(value)):
+        seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    else:
+        raise ValueError(f"expected a duration such as 5, \"5s\", \"2m\" or \"1h\", not {value!r}")
+    if math.isnan(seconds):
+        raise ValueError("expected a number of seconds, not nan")
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    if seconds > MAX_DURATION:
+        raise ValueError("must be at most 366 days (\"366d\")")
+    return seconds
 
 
 T = TypeVar("T")
@@ -201,7 +283,8 @@ class _Section:
         kwargs: dict[str, Any] = dict(fixed)
         for key, value in self.table.items():
             if key not in known or key in fixed:
-                raise ConfigError(self.source, self.key(key), "unknown key")
+                raise ConfigError(self.source, self.key(key),
+                                  unknown("key", key, sorted(known - set(fixed))))
             convert = converters.get(key, _identity)
             try:
                 kwargs[key] = convert(value)
@@ -226,6 +309,10 @@ def _typed(kind: type, *, minimum: float | None = None, maximum: float | None = 
             value = float(value)
         if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
             raise ValueError(f"expected {kind.__name__}, got {type(value).__name__}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError("expected a finite number, not nan or inf")
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+            raise ValueError(f"must be at most {MAX_INT}")
         if minimum is not None and value < minimum:  # type: ignore[operator]
             raise ValueError(f"must be at least {minimum}")
         if maximum is not None and value > maximum:  # type: ignore[operator]
@@ -250,6 +337,16 @@ def _path(value: object) -> object:
     return Path(value).expanduser()
 
 
+def _anchored(converters: Mapping[str, Converter], base: Path) -> dict[str, Converter]:
+    """The converters with relative paths read against `base` (the config file's folder)."""
+    def convert(value: object) -> object:
+        path = _path(value)
+        assert isinstance(path, Path)
+        return path if path.is_absolute() else base / path
+
+    return {key: convert if conv is _path else conv for key, conv in converters.items()}
+
+
 def _positive_duration(value: object) -> object:
     seconds = parse_duration(value)
     if seconds <= 0:
@@ -268,6 +365,8 @@ def _umask(value: object) -> object:
 def _address(value: object) -> object:
     if not isinstance(value, str) or (value and not re.fullmatch(r"[\w.\-\[\]:]+:\d{1,5}", value)):
         raise ValueError("expected host:port, or \"\" to turn the metrics server off")
+    if value and int(value.rsplit(":", 1)[1]) > 65535:
+        raise ValueError("the port must be at most 65535")
     return value
 
 
@@ -320,19 +419,32 @@ _DAEMON: dict[str, Converter] = {
     "log_level": _choice("debug", "info", "warning", "error"),
     "max_retries": _NONNEG_INT, "retry_backoff": _positive_duration,
     "retry_backoff_max": _positive_duration, "step_timeout": _positive_duration,
+    "max_duration_seconds": _positive_duration,
     "stall_seconds": _positive_duration, "shutdown_grace": parse_duration,
     "on_duplicate": _choice("skip", "reprocess"), "umask": _umask,
+    "report_retention": _positive_duration,
 }
 _FOLDERS: dict[str, Converter] = {k: _STR for k in ("processing", "done", "outputs", "failed")}
+
+
+def _notify_events(value: object) -> object:
+    if not isinstance(value, list) or not all(v in NOTIFY_EVENTS for v in value):
+        raise ValueError(f"expected a list drawn from {list(NOTIFY_EVENTS)}")
+    return tuple(value)
+
+
 _INBOX: dict[str, Converter] = {
     "name": _STR, "path": _path, "pipeline": _pipeline, "formats": _formats,
     "priority": _typed(int), "schedule": _schedule, "polling": _choice("auto", "always", "never"),
+    "notify": _notify_events,
 }
 _API = {"requests_per_minute": _NONNEG_INT, "max_concurrent": _INT_MIN1,
-        "timeout": _positive_duration, "api_key_env": _STR}
+        "timeout": _positive_duration, "api_key_env": _STR, "api_key_file": _path}
 _TRANSCRIBE: dict[str, Converter] = {
     **_API, "backend": _choice("local", "openai"), "model": _STR, "language": _STR,
     "chunk_seconds": _positive_duration, "beam_size": _INT_MIN1, "vad_filter": _BOOL,
+    "word_timestamps": _BOOL, "max_line_width": _typed(int, minimum=10),
+    "max_line_count": _INT_MIN1, "subtitles": _choice("outputs", "beside"),
     "device": _choice("auto", "cpu", "cuda"), "compute_type": _STR, "processes": _NONNEG_INT,
     "threads": _NONNEG_INT, "idle_unload_seconds": _positive_duration, "base_url": _STR,
 }
@@ -342,9 +454,69 @@ _ENHANCE: dict[str, Converter] = {
 }
 _DOWNLOAD: dict[str, Converter] = {
     "max_filesize_mb": _INT_MIN1, "max_duration_seconds": _positive_duration, "archive": _path,
+    "allow_private": _BOOL,
 }
-_CLUSTER: dict[str, Converter] = {"broker": _STR, "queue": _STR}
-_TOP = {"daemon", "folders", "inbox", "transcribe", "enhance", "download", "cluster"}
+_RESOURCES = ("cpu", "gpu", "net")
+
+
+def _path_map(value: object) -> object:
+    if not isinstance(value, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) and k.startswith("/") and v.startswith("/")
+            for k, v in value.items()):
+        raise ValueError('expected a table of absolute paths, e.g. { "/srv/media" = "/mnt/media" }')
+    return tuple((k.rstrip("/") or "/", v.rstrip("/") or "/") for k, v in value.items())
+
+
+def _queues(value: object) -> object:
+    if not isinstance(value, list) or not value or not all(v in _RESOURCES for v in value):
+        raise ValueError(f"expected a non-empty list drawn from {list(_RESOURCES)}")
+    return tuple(value)
+
+
+def _queue_name(value: object) -> object:
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", value):
+        raise ValueError("use letters, digits, '_' and '-'")
+    return value
+
+
+_CLUSTER: dict[str, Converter] = {
+    "broker": _STR, "queue": _queue_name, "path_map": _path_map,
+    "lease": _positive_duration, "work_dir": _path, "queues": _queues,
+}
+
+
+def _notify_urls(value: object) -> object:
+    # The URL itself is never quoted back: it may hold a token.
+    if not isinstance(value, list) or not all(isinstance(v, str) and "://" in v for v in value):
+        raise ValueError('expected a list of Apprise URLs such as ["ntfy://traxd-alerts"]')
+    return tuple(value)
+
+
+def _argv(value: object) -> object:
+    if not isinstance(value, list) or not value or not all(isinstance(a, str) for a in value):
+        raise ValueError('expected an argv list such as ["/usr/local/bin/on-event", "{event}"]')
+    return tuple(value)
+
+
+_NOTIFY: dict[str, Converter] = {
+    "urls": _notify_urls, "events": _notify_events, "command": _argv,
+    "group_seconds": _positive_duration, "retries": _typed(int, minimum=0, maximum=10),
+    "timeout": _positive_duration,
+}
+_WEB: dict[str, Converter] = {
+    "page": _BOOL, "control": _BOOL, "token_env": _STR,
+    "refresh_seconds": _typed(float, minimum=0.5, maximum=3600),
+}
+_TOP = {"daemon", "folders", "inbox", "transcribe", "enhance", "download", "cluster", "notify",
+        "web"}
+
+
+def unknown(what: str, name: str, known: Sequence[str]) -> str:
+    """`unknown key; did you mean 'workers'?`, or the list of known names when none is close."""
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    if close:
+        return f"unknown {what}; did you mean {close[0]!r}?"
+    return f"unknown {what}; known: {', '.join(known)}"
 
 
 def parse_settings(raw: Mapping[str, Any], *, source: Path | None = None) -> Settings:
@@ -352,7 +524,9 @@ def parse_settings(raw: Mapping[str, Any], *, source: Path | None = None) -> Set
     where = str(source or "<config>")
     for key in raw:
         if key not in _TOP:
-            raise ConfigError(where, key, "unknown section")
+            raise ConfigError(where, key, unknown("section", key, sorted(_TOP)))
+
+    base = source.expanduser().resolve().parent if source is not None else Path.cwd()
 
     def section(name: str) -> _Section:
         return _Section(where, name, raw.get(name, {}))
@@ -361,22 +535,27 @@ def parse_settings(raw: Mapping[str, Any], *, source: Path | None = None) -> Set
     names = {folders.processing, folders.done, folders.outputs, folders.failed}
     if len(names) != 4 or not all(n and "/" not in n and n not in (".", "..") for n in names):
         raise ConfigError(where, "folders", "the four folder names must differ and be plain names")
-    daemon = section("daemon").build(DaemonSettings, _DAEMON)
-    inboxes = _inboxes(where, raw.get("inbox", []), folders)
+    daemon = section("daemon").build(DaemonSettings, _anchored(_DAEMON, base))
+    inboxes = _inboxes(where, raw.get("inbox", []), folders, base, raw)
     _check_places(where, daemon.state_dir, inboxes, folders)
     return Settings(
         daemon=daemon,
         folders=folders,
         inboxes=inboxes,
-        transcribe=section("transcribe").build(TranscribeSettings, _TRANSCRIBE),
-        enhance=section("enhance").build(EnhanceSettings, _ENHANCE),
-        download=section("download").build(DownloadSettings, _DOWNLOAD),
-        cluster=section("cluster").build(ClusterSettings, _CLUSTER),
+        transcribe=_spoken(where, "transcribe",
+                           section("transcribe").build(TranscribeSettings,
+                                                       _anchored(_TRANSCRIBE, base))),
+        enhance=section("enhance").build(EnhanceSettings, _anchored(_ENHANCE, base)),
+        download=section("download").build(DownloadSettings, _anchored(_DOWNLOAD, base)),
+        cluster=section("cluster").build(ClusterSettings, _anchored(_CLUSTER, base)),
+        notify=section("notify").build(NotifySettings, _NOTIFY),
+        web=section("web").build(WebSettings, _WEB),
         source=source,
     )
 
 
-def _inboxes(where: str, tables: object, folders: FolderNames) -> tuple[InboxSettings, ...]:
+def _inboxes(where: str, tables: object, folders: FolderNames, base: Path,
+             raw: Mapping[str, Any]) -> tuple[InboxSettings, ...]:
     if not isinstance(tables, list):
         raise ConfigError(where, "inbox", "expected [[inbox]] tables")
     inboxes: list[InboxSettings] = []
@@ -386,7 +565,8 @@ def _inboxes(where: str, tables: object, folders: FolderNames) -> tuple[InboxSet
         for required in ("name", "path"):
             if required not in sec.table:
                 raise ConfigError(where, f"{prefix}.{required}", "missing")
-        inbox = sec.build(InboxSettings, _INBOX)
+        inbox = sec.build(InboxSettings, _anchored(_INBOX, base),
+                          **_inbox_sections(where, prefix, sec, raw, base))
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", inbox.name):
             raise ConfigError(where, f"{prefix}.name", "use letters, digits, '.', '_' and '-'")
         if any(other.name == inbox.name for other in inboxes):
@@ -396,6 +576,47 @@ def _inboxes(where: str, tables: object, folders: FolderNames) -> tuple[InboxSet
         _check_no_overlap(where, prefix, inbox, inboxes)
         inboxes.append(inbox)
     return tuple(inboxes)
+
+
+_OVERRIDABLE: dict[str, tuple[type[Any], dict[str, Converter]]] = {
+    "transcribe": (TranscribeSettings, _TRANSCRIBE), "enhance": (EnhanceSettings, _ENHANCE),
+}
+
+
+def _inbox_sections(where: str, prefix: str, sec: _Section, raw: Mapping[str, Any],
+                    base: Path) -> dict[str, Any]:
+    """An inbox's [inbox.transcribe] and [inbox.enhance] (taken out of its table), each
+    merged over the global section of that name."""
+    built: dict[str, Any] = {}
+    for name, (cls, converters) in _OVERRIDABLE.items():
+        if name not in sec.table:
+            continue
+        own = _Section(where, f"{prefix}.{name}", sec.table.pop(name))
+        given = own.build(cls, _anchored(converters, base))
+        common = _Section(where, name, raw.get(name, {})).build(cls, _anchored(converters, base))
+        built[name] = dataclasses.replace(common, **{k: getattr(given, k) for k in own.table})
+    if "subtitles" in sec.table:  # `subtitles = "beside"` in [[inbox]]: its [inbox.transcribe]
+        try:
+            mode = _TRANSCRIBE["subtitles"](sec.table.pop("subtitles"))
+        except ValueError as exc:
+            raise ConfigError(where, f"{prefix}.subtitles", str(exc)) from exc
+        common = built.get("transcribe") or _Section(where, "transcribe", raw.get(
+            "transcribe", {})).build(TranscribeSettings, _anchored(_TRANSCRIBE, base))
+        built["transcribe"] = dataclasses.replace(common, subtitles=mode)
+    if "transcribe" in built:
+        _spoken(where, f"{prefix}.transcribe", built["transcribe"])
+    return built
+
+
+def _spoken(where: str, prefix: str, settings: TranscribeSettings) -> TranscribeSettings:
+    """A language other than English with an English-only local model (tiny.en, base.en)
+    would be transcribed as English: refused."""
+    english_only = Path(settings.model).name.endswith(".en")
+    if settings.backend == "local" and english_only and settings.language not in (None, "en"):
+        raise ConfigError(where, f"{prefix}.language", f"model {settings.model!r} knows only "
+                          f"English; for {settings.language!r} name a multilingual model "
+                          "(e.g. model = \"small\")")
+    return settings
 
 
 def _check_no_overlap(

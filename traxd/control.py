@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import socket
 import stat
+import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NotRequired, Protocol, TypedDict
@@ -104,6 +107,9 @@ def parse_request(line: bytes) -> Request:
         data = json.loads(line)
     except ValueError as exc:
         raise ValueError(f"a request is one JSON object per line: {exc}") from exc
+    except RecursionError as exc:
+        raise ValueError("a request is one flat JSON object; this one is nested too deeply") \
+            from exc
     if not isinstance(data, dict):
         raise ValueError("a request is a JSON object")
     if unknown := sorted(set(data) - _REQUEST_KEYS):
@@ -123,11 +129,16 @@ def parse_request(line: bytes) -> Request:
 
 
 class ControlServer:
-    """Serves `handler` on a unix socket at `path` while started."""
+    """Serves `handler` on a unix socket at `path` while started; with `registry` (what to
+    tell clients about this daemon: its config and inboxes) it is recorded in the
+    per-user runtime folder while it listens, so that commands find it without --config."""
 
-    def __init__(self, handler: ControlHandler, path: Path) -> None:
+    def __init__(self, handler: ControlHandler, path: Path,
+                 registry: Mapping[str, Any] | None = None) -> None:
         self.handler = handler
         self.path = path
+        self._registry = registry
+        self._record: Path | None = None
         self._server: asyncio.Server | None = None
         self._identity: tuple[int, int] | None = None
         self._writers: set[asyncio.StreamWriter] = set()
@@ -142,6 +153,8 @@ class ControlServer:
         self._identity = (info.st_dev, info.st_ino)
         self._server = await asyncio.start_unix_server(self._serve, sock=sock, limit=MAX_LINE)
         self._log.debug("control_listening", path=str(self.path))
+        if self._registry is not None:
+            self._record = await asyncio.to_thread(register, self.path, self._registry)
 
     async def close(self) -> None:
         """Stop listening, end open connections and remove the socket file."""
@@ -153,6 +166,9 @@ class ControlServer:
         await self._server.wait_closed()
         self._server = None
         self._remove_own_socket()
+        if self._record is not None:
+            await asyncio.to_thread(unregister, self._record, self.path)
+            self._record = None
 
     async def dispatch(self, line: bytes) -> dict[str, Any]:
         """The answer to one request line (never raises)."""
@@ -260,6 +276,100 @@ def _check_length(path: Path) -> None:
     if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
         raise OSError(f"socket path too long for a unix socket ({len(str(path))} bytes > "
                       f"{_MAX_SOCKET_PATH}): {path}; choose a shorter state_dir")
+
+
+# --- where running daemons are found -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunningDaemon:
+    """A daemon that recorded itself in the runtime folder and answers on its socket."""
+
+    socket: Path
+    config: str
+    inboxes: tuple[str, ...]
+    pid: int
+
+
+def runtime_dir() -> Path:
+    """Where daemons record their control sockets for this user: $XDG_RUNTIME_DIR/traxd,
+    else ~/.local/state/traxd/run; on macOS ~/Library/Caches/traxd/run."""
+    if sys.platform == "darwin":
+        return Path("~/Library/Caches/traxd/run").expanduser()
+    if base := os.environ.get("XDG_RUNTIME_DIR"):
+        return Path(base) / "traxd"
+    return Path("~/.local/state/traxd/run").expanduser()
+
+
+def register(socket_path: Path, about: Mapping[str, Any]) -> Path | None:
+    """Record a listening daemon; None (logged) when the runtime folder cannot be written:
+    the daemon runs all the same, and its commands need --config."""
+    folder = runtime_dir()
+    digest = hashlib.sha256(os.fsencode(socket_path)).hexdigest()[:16]
+    record = folder / f"{digest}.json"
+    data = {**about, "socket": str(socket_path), "pid": os.getpid()}
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        temp = folder / f"{digest}.{os.getpid()}.tmp"
+        temp.write_text(json.dumps(data, default=str), encoding="utf-8")
+        os.replace(temp, record)
+    except OSError as exc:
+        get_logger(component="control").warning(
+            "runtime_record_failed", path=str(record), error=str(exc),
+            consequence="traxd status, pause, … need --config to find this daemon")
+        return None
+    return record
+
+
+def unregister(record: Path, socket_path: Path) -> None:
+    """Remove this daemon's record unless another daemon has replaced it meanwhile."""
+    found = _read_record(record)
+    if found is not None and found.pid == os.getpid() and found.socket == socket_path:
+        with contextlib.suppress(OSError):
+            record.unlink()
+
+
+def running_daemons() -> list[RunningDaemon]:
+    """The daemons of this user that answer on their socket; records left by a daemon that
+    was killed are removed."""
+    try:
+        records = sorted(runtime_dir().glob("*.json"))
+    except OSError:
+        return []
+    found = []
+    for record in records:
+        daemon = _read_record(record)
+        if daemon is None:
+            continue
+        try:
+            listening = _answers(daemon.socket)
+        except OSError:  # a timeout, a path too long: not one we can talk to
+            listening = False
+        if listening:
+            found.append(daemon)
+        elif not _alive(daemon.pid):
+            with contextlib.suppress(OSError):
+                record.unlink()
+    return found
+
+
+def _read_record(record: Path) -> RunningDaemon | None:
+    try:
+        data = json.loads(record.read_text(encoding="utf-8"))
+        return RunningDaemon(Path(data["socket"]), str(data.get("config", "")),
+                             tuple(str(i) for i in data.get("inboxes", ())), int(data["pid"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # --- client ------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import os
 import shutil
 import signal
@@ -17,29 +18,35 @@ from typing import Any
 import psutil
 from structlog.typing import FilteringBoundLogger
 
-from traxd import metrics, sdnotify
-from traxd.batcher import Batcher
+from traxd import metrics, reports, sdnotify
+from traxd.batcher import Batch, Batcher
 from traxd.config import Settings, load_settings
 from traxd.control import ControlServer
-from traxd.errors import ConfigError
-from traxd.executor import LocalExecutor
-from traxd.exporter import HttpServerHandle, start_http
-from traxd.folders import InboxFolders, sweep_temporaries
+from traxd.errors import AlreadyRunning, ConfigError, JournalError
+from traxd.executor import Executor, LocalExecutor
+from traxd.exporter import HttpServerHandle, parse_address, start_http
+from traxd.folders import create_folders, sweep_temporaries, why_not_a_folder
 from traxd.gates import InboxGates
+from traxd.heap import HeapKeeper
 from traxd.intake import Intake
-from traxd.jobs import BackendGate, JobRunner
+from traxd.jobs import BackendGate, JobEnd, JobRunner
 from traxd.journal import Job, JobState, Journal, StateLock
 from traxd.logs import get_logger
 from traxd.looplag import watch_loop_lag
 from traxd.moves import Mover
+from traxd.notify import Notifier
 from traxd.operations import Operations, Parts
 from traxd.pipeline.base import Step
-from traxd.pipeline.registry import StepRegistry
+from traxd.pipeline.registry import StepRegistry, backend_of
 from traxd.pool import Slot, WorkerPool
+from traxd.procs import watch_children_by_pidfd
 from traxd.throttle import Governor
 from traxd.watcher import Watchers
+from traxd.web.app import WebApp, is_loopback
+from traxd.web.history import History
 
 GOVERNOR_INTERVAL = 1.0
+NOTIFY_GRACE = 10.0  # seconds the last notifications may take at shutdown
 OWNER_ENV = "TRAXD_STATE_DIR"
 
 
@@ -62,11 +69,28 @@ class Daemon:
 
     # --- start-up ---------------------------------------------------------------------------
 
+    def _lock_state_dir(self) -> None:
+        try:
+            self.lock.acquire()
+        except AlreadyRunning:
+            raise
+        except OSError as exc:
+            state_dir = self.settings.daemon.state_dir
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise JournalError(f"cannot start: the disk holding {state_dir} is full; free "
+                                   "some space, then start traxd again") from exc
+            why = (why_not_a_folder(exc) if exc.errno in (errno.EEXIST, errno.ENOTDIR)
+                   else f"cannot write in {state_dir}: {exc.strerror}; name a folder traxd may "
+                   "write")
+            raise ConfigError(str(self.settings.source or "<config>"), "daemon.state_dir",
+                              why) from exc
+
     async def open(self) -> None:
         """Build every part once; raises with a clear message when something cannot start."""
         settings = self.settings
         os.umask(settings.daemon.umask)
-        self.lock.acquire()
+        watch_children_by_pidfd()
+        self._lock_state_dir()
         stop_orphans(settings.daemon.state_dir, self.log)
         # Every child inherits this mark, so the next start can find what a crash left running.
         os.environ[OWNER_ENV] = str(settings.daemon.state_dir)
@@ -76,21 +100,65 @@ class Daemon:
         self.runner = JobRunner(settings, self.journal, self._executor(settings), self.backends,
                                 Mover({}))
         self.governor = Governor(settings.daemon)
-        self.gates = InboxGates(settings, self.backends)
+        self.heap = HeapKeeper()
+        self.gates = InboxGates(settings, self.backends,
+                                lambda: self.journal.store.problem is None)
         self.pool = WorkerPool(self.journal, self._run_job, self.governor,
                                lambda: self.gates.open(time.time()))
         self.intake = Intake(settings, self.journal, self._on_duplicate)
         self.watchers = Watchers(self.intake.announce_many)
         self.batcher = Batcher(self.journal, self.pool)
+        self._wire_notifications(settings)
         self.operations = Operations(settings, Parts(
             self.journal, self.pool, self.gates, self.backends, self.runner, self.governor,
             self.watchers.alive, lambda: self.watchers.missing))
-        await asyncio.to_thread(_create_folders, settings)
+        await asyncio.to_thread(create_folders, settings)
 
-    def _executor(self, settings: Settings) -> LocalExecutor:
+    def _wire_notifications(self, settings: Settings) -> None:
+        """Job ends, batch ends and backend changes go to the notifier (and the reports)."""
+        try:
+            self.notifier = Notifier.of(settings)
+        except ValueError as exc:
+            raise ConfigError(str(settings.source or "<config>"), "notify.urls",
+                              str(exc)) from exc
+        self.history = History()
+        self.runner.on_end = self._job_ended
+        self.backends.on_change = self.notifier.backend_changed
+        self.batcher.on_finished = self._batch_finished
+
+    def _job_ended(self, end: JobEnd) -> None:
+        self.batcher.job_ended(end)
+        self.notifier.job_ended(end)
+        self.history.add(end)
+
+    def _batch_finished(self, batch: Batch) -> None:
+        self._background(self._report(batch))
+
+    async def _report(self, batch: Batch) -> None:
+        """The batch's report beside the state (old ones pruned), then its notification."""
+        report = reports.build_report(batch.id, batch.started_at, batch.wall_seconds,
+                                      batch.ends, batch.outcomes)
+        folder = self.settings.daemon.state_dir / "reports"
+        path: Path | None = None
+        try:
+            path = await asyncio.to_thread(reports.write_report, folder, report)
+            await asyncio.to_thread(reports.prune, folder, self.settings.daemon.report_retention,
+                                    time.time())
+        except OSError as exc:
+            self.log.error("report_failed", batch_id=batch.id, folder=str(folder),
+                           error=exc.strerror or str(exc))
+        self.notifier.batch_finished(batch.id, batch.files, batch.bytes, batch.wall_seconds,
+                                     batch.outcomes, str(path) if path else None,
+                                     {end.inbox for end in batch.ends})
+
+    def _executor(self, settings: Settings) -> Executor:
         registry = StepRegistry(settings)
         for name, step in self.extra_steps.items():
             registry.register(name, step)
+        if settings.cluster.broker:
+            from traxd.cluster.remote import DramatiqExecutor
+
+            return DramatiqExecutor(settings, registry, durable=self.journal.durable)
         return LocalExecutor(settings, registry)
 
     async def recover(self) -> None:
@@ -102,9 +170,11 @@ class Daemon:
         for job in prepared:
             self.journal.take(job)
         await asyncio.gather(*(self.runner.run(job) for job in prepared))
-        live_ids = {str(j.id) for j in self.journal.live()}
-        swept = await asyncio.to_thread(self._sweep, live_ids)
-        self.log.info("recovered", resumed=len(interrupted), finalized=len(prepared),
+        live = self.journal.live()
+        swept = await asyncio.to_thread(self._sweep, {str(j.id) for j in live})
+        # Resumed: left running, or put back after a step finished (a stop's grace ran out).
+        resumed = {j.id for j in interrupted} | {j.id for j in live if j.step}
+        self.log.info("recovered", resumed=len(resumed), finalized=len(prepared),
                       temporaries_removed=swept)
 
     async def _adopt_strays(self) -> None:
@@ -138,17 +208,32 @@ class Daemon:
             await self._shutdown()
         return 0
 
+    async def _publish_known_series(self) -> None:
+        inboxes = [i.name for i in self.settings.inboxes]
+        backends = {b for i in self.settings.inboxes for spec in i.pipeline
+                    if (b := backend_of(spec, self.settings))}
+        last = await asyncio.to_thread(self.journal.last_done_times)
+        metrics.publish_known(inboxes, sorted(backends), last)
+
     async def _start(self) -> None:
         await self.open()
         await self.recover()
-        metrics.set_build_info()
+        self.heap.settle(self.journal.live_count())
+        await self._publish_known_series()
         self.http = self._start_http()
         for inbox in self.settings.inboxes:
             mode = self.watchers.start(inbox)
             self.log.info("watching", inbox=inbox.name, path=str(inbox.path), mode=mode)
         await self.intake.reconcile(count_missed=False)
-        self.control = ControlServer(self.operations, self.settings.daemon.state_dir / "traxd.sock")
+        self.control = ControlServer(
+            self.operations, self.settings.daemon.state_dir / "traxd.sock",
+            registry={"config": str(self.settings.source.resolve() if self.settings.source
+                                    else ""),
+                      "inboxes": [i.name for i in self.settings.inboxes]})
         await self.control.start()
+        self.notifier.start()
+        self.notifier.watch_disk(lambda: self.journal.store.disk_full,
+                                 str(self.settings.daemon.state_dir))
         self.batcher.start(self.settings.daemon.batch_interval)
         sdnotify.notify("READY=1", f"STATUS=watching {len(self.settings.inboxes)} inboxes")
         self.log.info("ready", inboxes=[i.name for i in self.settings.inboxes],
@@ -159,12 +244,27 @@ class Daemon:
         if not address:
             return None
         try:
-            return start_http(address, self.operations)
+            return start_http(address, self.operations, page=self._status_page(address))
         except (OSError, ValueError) as exc:
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise ConfigError(str(self.settings.source or "<config>"), "daemon.metrics_address",
                               f"cannot listen on {address}: {why}; choose a free port, or \"\" "
                               "to serve no metrics") from exc
+
+    def _status_page(self, address: str) -> WebApp | None:
+        web, where = self.settings.web, str(self.settings.source or "<config>")
+        if not web.page:
+            return None
+        token = os.environ.get(web.token_env) or None
+        if web.control and token is None:
+            raise ConfigError(where, "web.control", f"the buttons need a token: set "
+                              f"${web.token_env} in traxd's environment, or control = false")
+        loopback = is_loopback(parse_address(address)[0])
+        if not loopback and token is None:
+            self.log.warning("status_page_locked", address=address,
+                             fix=f"set ${web.token_env} to serve the page beyond this machine")
+        return WebApp(web, self.operations, self.history, token=token, loopback=loopback,
+                      loop=asyncio.get_running_loop())
 
     async def _main(self) -> None:
         async with asyncio.TaskGroup() as group:
@@ -182,6 +282,7 @@ class Daemon:
         watchdog = sdnotify.watchdog_interval()
         while True:
             self.operations.beat()
+            self.heap.look(self.journal.live_count())
             self.governor.evaluate()
             self.pool.wake()
             await self._rewatch(await asyncio.to_thread(self.watchers.changed))
@@ -204,7 +305,11 @@ class Daemon:
                 self.watchers.missing.add(name)
                 self.watchers.track(inbox)
                 continue
-            await asyncio.to_thread(_create_folders, self.settings)
+            try:
+                await asyncio.to_thread(create_folders, self.settings)
+            except ConfigError as exc:
+                self.log.error("inbox_unusable", inbox=name, error=str(exc))
+                continue
             self.watchers.start(inbox)
             self.log.warning("watch_rearmed", inbox=name, path=str(inbox.path))
             await self.intake.reconcile_inbox(inbox, count_missed=False)
@@ -224,8 +329,8 @@ class Daemon:
         outcome = await self.runner.run(job, slot)
         self.batcher.job_finished(job.id, outcome.value)
 
-    def _on_duplicate(self, job: Job) -> None:
-        self._background(self.runner.finish_duplicate(job))
+    def _on_duplicate(self, job: Job, original: int) -> None:
+        self._background(self.runner.finish_duplicate(job, original))
 
     # --- signals, reload, shutdown ----------------------------------------------------------
 
@@ -236,10 +341,18 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self.flags.reload.set)
 
     def _on_stop_signal(self) -> None:
+        running = len(self.pool.running) if hasattr(self, "pool") else 0
+        jobs = f"{running} job" + ("" if running == 1 else "s")
         if self.flags.stop.is_set():
             self.flags.cold = True
             if hasattr(self, "pool"):
+                self.log.warning("stopping_now", message=f"stopping {jobs} now; they are "
+                                 "taken up again at the next start")
                 self._background(self.pool.cancel_all())
+        elif running:
+            grace = self.settings.daemon.shutdown_grace
+            self.log.warning("stop_requested", message=f"finishing {jobs}, up to {grace:g} s; "
+                             "Ctrl-C (or SIGTERM) again to stop now")
         self.flags.stop.set()
 
     def reload(self) -> None:
@@ -259,10 +372,10 @@ class Daemon:
         """Switch to a new configuration without dropping work in flight."""
         old = {i.name: i for i in self.settings.inboxes}
         fresh = {i.name: i for i in new.inboxes}
+        create_folders(new)
         for name, inbox in old.items():
             if fresh.get(name) != inbox:
                 self.watchers.stop(name)
-        _create_folders(new)
         for name, inbox in fresh.items():
             if old.get(name) != inbox:
                 self.watchers.start(inbox)
@@ -283,8 +396,8 @@ class Daemon:
     def _swap_executor(self, new: Settings) -> None:
         """New step settings get new steps; the old ones close once the jobs using them end."""
         old = self.settings
-        if (old.transcribe, old.enhance, old.download) == (
-                new.transcribe, new.enhance, new.download):
+        if (old.transcribe, old.enhance, old.download, old.cluster) == (
+                new.transcribe, new.enhance, new.download, new.cluster):
             return
         retired, self.runner.executor = self.runner.executor, self._executor(new)
         running = list(self.pool.running.values())
@@ -301,6 +414,13 @@ class Daemon:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def _notify_stopped(self) -> None:
+        """Tell that traxd stops; what is still queued gets NOTIFY_GRACE seconds to go out."""
+        if not hasattr(self, "notifier"):
+            return
+        self.notifier.daemon_stopped(len(self.pool.running))
+        await self.notifier.close(NOTIFY_GRACE)
+
     async def _shutdown(self) -> None:
         sdnotify.notify("STOPPING=1")
         if not hasattr(self, "pool"):  # start-up failed before the parts were built
@@ -312,6 +432,7 @@ class Daemon:
         grace = 0.0 if self.flags.cold else self.settings.daemon.shutdown_grace
         self.log.info("stopping", running=len(self.pool.running), grace_seconds=grace)
         await self.pool.stop(grace)
+        await self._notify_stopped()
         self.watchers.stop_all()
         self.intake.close()
         await self.runner.close()
@@ -323,11 +444,6 @@ class Daemon:
         await asyncio.to_thread(self.journal.close)
         self.lock.release()
         self.log.info("stopped")
-
-
-def _create_folders(settings: Settings) -> None:
-    for inbox in settings.inboxes:
-        InboxFolders.of(inbox, settings.folders).create()
 
 
 def stop_orphans(state_dir: Path, log: FilteringBoundLogger) -> int:

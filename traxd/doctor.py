@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 from rich.console import Console
 from rich.table import Table
 
-from traxd.config import InboxSettings, Settings
+from traxd.config import EnhanceSettings, InboxSettings, Settings, TranscribeSettings
 from traxd.errors import BackendFatal
 
 Level = Literal["ok", "warn", "fail"]
@@ -146,12 +146,27 @@ def _local_model(name: str, failing: Level) -> Check:
 
 def check_api_keys(settings: Settings) -> list[Check]:
     """An API key for each remote backend in use; only whether it is set is shown."""
-    wanted: list[tuple[str, str, str | None]] = []
+    wanted: list[tuple[str, TranscribeSettings | EnhanceSettings]] = []
     if settings.transcribe.backend == "openai" and _uses_any(settings, {"transcribe"}):
-        wanted.append(("transcribe", settings.transcribe.api_key_env, settings.transcribe.base_url))
+        wanted.append(("transcribe", settings.transcribe))
     if _uses_any(settings, {"enhance"}):
-        wanted.append(("enhance", settings.enhance.api_key_env, settings.enhance.base_url))
-    return [_key_check(use, env, url) for use, env, url in wanted]
+        wanted.append(("enhance", settings.enhance))
+    return [_file_check(use, section.api_key_file) if section.api_key_file
+            else _key_check(use, section.api_key_env, section.base_url)
+            for use, section in wanted]
+
+
+def _file_check(use: str, path: Path) -> Check:
+    name = f"API key file {path}"
+    try:
+        key = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        return Check(name, "fail", f"cannot read it ({why}): {use} needs the key there; the "
+                                   "backend would be paused until it is, then `traxd resume`")
+    if not key:
+        return Check(name, "fail", f"empty: put the key for {use} in it")
+    return Check(name, "ok", f"holds a key (for {use})")
 
 
 def _key_check(use: str, env: str, base_url: str | None) -> Check:

@@ -29,7 +29,8 @@ class ConfigError(TraxdError):
     """The configuration cannot be loaded: names the file, the key and the reason."""
 
     def __init__(self, file: str, key: str, reason: str) -> None:
-        super().__init__(f"{file}: {key}: {reason}", reason="config")
+        where = f"{file}: {key}" if key and key != "-" else file  # "-": the whole file
+        super().__init__(f"{where}: {reason}", reason="config")
         self.file, self.key, self.why = file, key, reason
 
 
@@ -114,7 +115,7 @@ def classify_exception(exc: BaseException) -> Category:
 _TRANSIENT_ERRNOS = frozenset({
     errno.EINTR, errno.EAGAIN, errno.ENOMEM, errno.EBUSY, errno.ENFILE, errno.EMFILE,
     errno.ENOSPC, errno.ETIMEDOUT, errno.ECONNREFUSED, errno.EHOSTDOWN, errno.EHOSTUNREACH,
-    errno.EDQUOT,
+    errno.EDQUOT, errno.EROFS,  # a place that is full or read-only now may not be later
 })
 
 

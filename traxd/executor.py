@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from structlog.typing import FilteringBoundLogger
 
@@ -40,6 +41,7 @@ from traxd.pipeline.registry import StepRegistry, step_label
 from traxd.procs import ProcessLimits
 
 Progress = Callable[[float], None]
+ROOM = 1 << 20  # bytes: less free space than this after a failed step means the disk is full
 
 # The traxd.errors classes a reply can name, and what each category falls back to.
 ERROR_CLASSES: dict[str, type[TraxdError]] = {
@@ -71,6 +73,7 @@ class StepRequest:
     formats: tuple[str, ...]
     settings: dict[str, Any]  # this step's own settings
     limits: ProcessLimits
+    attempt: int = 0  # the job's attempt at this step (a retry is a new attempt)
 
     @property
     def label(self) -> str:
@@ -190,7 +193,7 @@ class StepReply:
 def build_request(
     job: JobInfo, *, step_index: int, step: StepSpec, source: Path,
     media: str | Path | None, facts: Mapping[str, Any], artifacts: Mapping[str, str | Path],
-    job_dir: Path, needs_workdir: bool, settings: Settings,
+    job_dir: Path, needs_workdir: bool, settings: Settings, attempt: int = 0,
 ) -> StepRequest:
     """The request for step `step_index` of the job's inbox pipeline.
 
@@ -206,14 +209,17 @@ def build_request(
         workdir=str(job_dir / f"{step_index}-{label}") if needs_workdir else None,
         facts=_plain(facts), artifacts={name: str(path) for name, path in artifacts.items()},
         formats=inbox.formats,
-        settings=step_settings(step, settings, inbox.pipeline[step_index + 1:]),
+        settings=step_settings(step, settings.for_inbox(job.inbox),
+                               inbox.pipeline[step_index + 1:]),
         limits=ProcessLimits(daemon.step_timeout, daemon.stall_seconds, daemon.memory_limit_mb),
+        attempt=attempt,
     )
 
 
 def step_settings(step: StepSpec, settings: Settings, later: Sequence[StepSpec]) -> dict[str, Any]:
-    """The settings one step gets: its own section, or what the daemon derives for it from
-    the steps after it (`later`). Command steps and plug-ins get none."""
+    """The settings one step gets: its own section (the inbox's, when `settings` are
+    those `for_inbox`), or what the daemon derives for it from the steps after it
+    (`later`). Command steps and plug-ins get none."""
     if step == "preprocess":
         return preprocess_settings(settings, later)
     if step in ("transcribe", "enhance", "download"):
@@ -242,6 +248,30 @@ def _plain(value: Any) -> Any:
     return value
 
 
+# --- executors ----------------------------------------------------------------------------
+
+
+class Executor(Protocol):
+    """Runs step requests: in this process (LocalExecutor) or on workers (cluster)."""
+
+    def needs_workdir(self, spec: StepSpec) -> bool: ...
+
+    async def run(self, request: StepRequest, *, log: FilteringBoundLogger,
+                  progress: Progress) -> StepReply:
+        """The step's reply; failures come back in it, never raised (cancellation excepted)."""
+        ...
+
+    def recorded(self, job_id: int, steps: int) -> None:
+        """The journal holds the results of the job's first `steps` steps."""
+        ...
+
+    def status(self) -> dict[str, Any] | None:
+        """What `traxd status` shows about where steps run (None: in this process)."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
 # --- running in this process --------------------------------------------------------------
 
 
@@ -255,6 +285,12 @@ class LocalExecutor:
     def needs_workdir(self, spec: StepSpec) -> bool:
         return self.steps.needs_workdir(spec)
 
+    def recorded(self, job_id: int, steps: int) -> None:
+        return None
+
+    def status(self) -> dict[str, Any] | None:
+        return None
+
     async def run(self, request: StepRequest, *, log: FilteringBoundLogger,
                   progress: Progress) -> StepReply:
         """Run one step; every failure comes back as a classified error, never raised
@@ -264,6 +300,8 @@ class LocalExecutor:
             step = self.steps.get(request.step)
             ctx = await self._context(request, log, progress)
             result = await self._run_step(step, ctx, request, log)
+        except Permanent as exc:
+            return StepReply.failed(await _short_of_room(request, exc))
         except TraxdError as exc:
             return StepReply.failed(exc)
         except Exception as exc:
@@ -281,7 +319,8 @@ class LocalExecutor:
             job=request.job, input=Path(request.input), source=Path(request.source),
             workdir=workdir, facts=dict(request.facts),
             artifacts={name: Path(path) for name, path in request.artifacts.items()},
-            settings=self.settings, formats=request.formats, limits=request.limits,
+            settings=self.settings.for_inbox(request.inbox), formats=request.formats,
+            limits=request.limits,
             log=log, progress=progress, step_settings=request.settings)
 
     async def _run_step(self, step: Step, ctx: StepContext, request: StepRequest,
@@ -305,6 +344,23 @@ class LocalExecutor:
 
     async def aclose(self) -> None:
         await self.steps.aclose()
+
+
+async def _short_of_room(request: StepRequest, exc: Permanent) -> TraxdError:
+    """A step that failed while its folder's disk is full failed for want of room, not
+    because of its input (a program cannot say which): that is worth a retry."""
+    if request.workdir is None or await asyncio.to_thread(_room, Path(request.workdir)) > ROOM:
+        return exc
+    return Retry(f"the disk of {request.workdir} is full: {exc.message}", reason="disk_full")
+
+
+def _room(folder: Path) -> int:
+    """Bytes free to this user on the disk of `folder`; a large number when unknown."""
+    try:
+        info = os.statvfs(folder)
+    except OSError:
+        return 1 << 62
+    return info.f_bavail * info.f_frsize
 
 
 def _empty_folder(path: Path) -> None:

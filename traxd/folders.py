@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from traxd.config import FolderNames, InboxSettings
+from traxd.config import FolderNames, InboxSettings, Settings
+from traxd.errors import ConfigError
 
 TMP_SUFFIX = ".traxd-tmp"
 IGNORED_SUFFIXES = (".part", ".tmp", ".crdownload", ".download", TMP_SUFFIX)
@@ -42,6 +43,26 @@ class InboxFolders:
     def create(self) -> None:
         for folder in self.all():
             folder.mkdir(parents=True, exist_ok=True)
+
+
+def create_folders(settings: Settings) -> None:
+    """Every inbox and its siblings; a place that cannot be a folder is a ConfigError."""
+    for index, inbox in enumerate(settings.inboxes):
+        try:
+            InboxFolders.of(inbox, settings.folders).create()
+        except OSError as exc:
+            raise ConfigError(str(settings.source or "<config>"), f"inbox[{index}].path",
+                              why_not_a_folder(exc)) from exc
+
+
+def why_not_a_folder(exc: OSError) -> str:
+    """What went wrong creating a folder, and what to do, for an operator."""
+    place = exc.filename
+    if exc.errno == errno.EEXIST:
+        return f"{place} is a file, not a folder: name another place or move the file"
+    if exc.errno == errno.ENOTDIR:
+        return f"a parent of {place} is a file, not a folder: name another place"
+    return f"cannot create the folder {place}: {exc.strerror}"
 
 
 def is_ignored(name: str) -> bool:
@@ -194,10 +215,19 @@ def move(src: Path, dest: Path, later: set[Path] | None = None) -> None:
             os.symlink(os.readlink(src), dest)
         else:
             copy_atomic(src, dest, later)
-        src.unlink()
+        try:
+            src.unlink()
+        except OSError:
+            dest.unlink()  # the original stays: no second copy of it is left behind
+            raise
     _sync_dir(dest.parent, later)
     if src.parent != dest.parent:
         _sync_dir(src.parent, later)
+
+
+def movable(path: Path) -> bool:
+    """Whether a file can be moved out of its folder (the folder is writable to us)."""
+    return os.access(path.parent, os.W_OK)
 
 
 class LinkOnPath(OSError):

@@ -10,6 +10,7 @@ hop, which also looks their hashes up among done files. The loop never touches t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import stat
@@ -22,14 +23,16 @@ from typing import Any, NamedTuple
 
 from traxd import metrics
 from traxd.config import InboxSettings, Settings
-from traxd.folders import describe_unprocessable, folder_prefix, relative_below
+from traxd.errors import JournalError
+from traxd.folders import describe_unprocessable, folder_prefix, movable, relative_below
 from traxd.journal import Job, JobState, Journal
 from traxd.logs import get_logger
 from traxd.watcher import Event, Settled, Settler, candidates, scan_folder
 
 Key = tuple[str, str]  # (inbox name, path relative to the inbox)
-DuplicateFn = Callable[[Job], None]
+DuplicateFn = Callable[[Job, int], None]  # (the duplicate, the id of the job done before)
 HashLookup = Callable[[str, str], int | None]  # (inbox, sha256) -> a done job's id
+LeftLookup = Callable[[str, str, int, int], bool]  # (inbox, rel, size, mtime_ns) -> failed as is
 
 HASH_CHUNK = 1 << 20
 # One thread hop takes at most this many files (and a hash hop about this many bytes), so
@@ -59,6 +62,7 @@ class Found(Enum):
     GONE = "gone"  # nothing there (any more)
     CLAIMED = "claimed"  # a job chose a processing/ path for it and has not moved it yet
     RETRY = "retry"  # could not be read this time (not for want of permission): look again
+    LEFT = "left"  # failed as it is and cannot be moved (read-only folder): until it changes
 
 
 class Probe(NamedTuple):
@@ -78,28 +82,29 @@ class Seen(NamedTuple):
     why: str | None = None
 
 
-def probe_batch(probes: Iterable[Probe]) -> list[Seen]:
-    """lstat every path; a folder is scanned (that folder only) and its files lstat'ed."""
+def probe_batch(probes: Iterable[Probe], left: LeftLookup | None = None) -> list[Seen]:
+    """lstat every path; a folder is scanned (that folder only) and its files lstat'ed.
+    A file that cannot be moved is looked up with `left`: one that failed as it is is LEFT."""
     out: list[Seen] = []
     done: set[Key] = set()
     for probe in probes:
         if (probe.inbox, probe.rel) in done:
             continue
         done.add((probe.inbox, probe.rel))
-        seen = _probe(probe)
+        seen = _probe(probe, left)
         if seen is not None:
             out.append(seen)
             continue
         for rel in scan_folder(Path(probe.root), probe.rel):
             if (probe.inbox, rel) not in done:
                 done.add((probe.inbox, rel))
-                found = _probe(Probe(probe.inbox, probe.root, rel, None))
+                found = _probe(Probe(probe.inbox, probe.root, rel, None), left)
                 if found is not None:
                     out.append(found)
     return out
 
 
-def _probe(probe: Probe) -> Seen | None:
+def _probe(probe: Probe, left: LeftLookup | None) -> Seen | None:
     """What is at the path; None for a folder (to be scanned)."""
     if probe.claimed is not None and not os.path.lexists(probe.claimed):
         return Seen(probe.inbox, probe.rel, probe.claimed, Found.CLAIMED)  # checked first
@@ -111,7 +116,11 @@ def _probe(probe: Probe) -> Seen | None:
     if stat.S_ISDIR(info.st_mode):
         return None
     if stat.S_ISREG(info.st_mode):
-        return Seen(probe.inbox, probe.rel, probe.claimed, Found.FILE, info.st_size,
+        found = Found.FILE
+        if (left is not None and not movable(Path(path))
+                and left(probe.inbox, probe.rel, info.st_size, info.st_mtime_ns)):
+            found = Found.LEFT
+        return Seen(probe.inbox, probe.rel, probe.claimed, found, info.st_size,
                     info.st_mtime_ns)
     why = describe_unprocessable(Path(path))
     return Seen(probe.inbox, probe.rel, probe.claimed, Found.ODD if why else Found.GONE,
@@ -227,9 +236,13 @@ class Intake:
     async def _probe_pump(self) -> None:
         try:
             while self._dirty:
+                if self.journal.store.problem is not None:  # disk full: no new intake
+                    with contextlib.suppress(JournalError):
+                        await self.journal.durable()  # until what waits is written
                 probes = self._take_dirty()
                 try:
-                    seen = await asyncio.to_thread(probe_batch, probes)
+                    seen = await asyncio.to_thread(probe_batch, probes,
+                                                   self.journal.failed_unmoved)
                     await self._apply_seen(seen)
                 except Exception:  # a bug: these files wait for the next event or reconcile
                     self._log.exception("intake_failed", files=len(probes))
@@ -288,7 +301,7 @@ class Intake:
             self._mark_dirty(key)  # a claim began after the probe: look again, with it
             return None
         job = self.journal.unclaimed(*key)
-        if item.found is Found.GONE:
+        if item.found in (Found.GONE, Found.LEFT):
             self._vanished(key, job)
             return None
         created = job is None
@@ -392,15 +405,14 @@ class Intake:
         elif item.changed:
             self.settler.observe(key, item.size, item.mtime_ns, now)  # settles again
         else:
-            duplicate = (item.duplicate_of is not None
-                         and self.settings.daemon.on_duplicate == "skip")
+            skip = self.settings.daemon.on_duplicate == "skip"
             self._queue(job, item.sha256, item.size, item.mtime_ns, why=item.why,
-                        duplicate=duplicate)
+                        duplicate_of=item.duplicate_of if skip else None)
             return True
         return False
 
     def _queue(self, job: Job, digest: str | None, size: int, mtime_ns: int, *,
-               why: str | None = None, duplicate: bool = False) -> None:
+               why: str | None = None, duplicate_of: int | None = None) -> None:
         job = self.journal.queue(job, digest, size, mtime_ns)
         if why is None:
             self._log.info("file_queued", inbox=job.inbox, file=job.rel_path, job_id=job.id,
@@ -408,8 +420,8 @@ class Intake:
         else:  # it fails at claim, with this reason
             self._log.info("file_queued", inbox=job.inbox, file=job.rel_path, job_id=job.id,
                            size=size, unprocessable=why)
-        if duplicate:
-            self._on_duplicate(job)
+        if duplicate_of is not None:
+            self._on_duplicate(job, duplicate_of)
 
     def _vanished(self, key: Key, job: Job | None) -> None:
         self.settler.forget(key)
@@ -432,7 +444,7 @@ class Intake:
         probes = self._reconcile_probes(inbox.name, names)
         if not probes:
             return 0
-        seen = await asyncio.to_thread(probe_batch, probes)
+        seen = await asyncio.to_thread(probe_batch, probes, self.journal.failed_unmoved)
         new = await self._apply_seen(seen)
         if count_missed and new:
             metrics.RECONCILE_FOUND.labels(inbox=inbox.name).inc(len(new))

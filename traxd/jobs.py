@@ -8,6 +8,7 @@ and the original in exactly one folder. Steps run behind the executor seam.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Mapping
@@ -22,12 +23,13 @@ from structlog.typing import FilteringBoundLogger
 from traxd import metrics
 from traxd.config import Settings, StepSpec
 from traxd.errors import BackendFatal, Category, Retry, classify_exception, compute_backoff
-from traxd.executor import LocalExecutor, StepReply, build_request
+from traxd.executor import Executor, StepReply, build_request
 from traxd.folders import InboxFolders, append_lines, write_atomic
 from traxd.journal import Job, JobState, Journal
-from traxd.logs import get_logger, redact_text
-from traxd.moves import Ending, Mover
+from traxd.logs import Redactor, get_logger
+from traxd.moves import SPAWN_PREFIX, Ending, Mover
 from traxd.pipeline.base import RECORD_WHEN_DONE, JobInfo
+from traxd.pipeline.formats import WARNINGS_FACT
 from traxd.pipeline.registry import step_label
 from traxd.stages import ClaimStage, FinishStage
 
@@ -50,17 +52,27 @@ class BackendGate:
 
     def __init__(self) -> None:
         self.paused: dict[str, str] = {}
+        # Told (backend, reason) when a backend is paused, (backend, None) when it resumes.
+        self.on_change: Callable[[str, str | None], None] = _no_change
 
     def pause(self, backend: str, reason: str) -> None:
+        first = backend not in self.paused
         self.paused[backend] = reason
         metrics.BACKEND_PAUSED.labels(backend=backend).set(1)
+        if first:
+            self.on_change(backend, reason)
 
     def resume(self, backend: str | None = None) -> list[str]:
         names = [name for name in self.paused if backend in (None, name)]
         for name in names:
             del self.paused[name]
             metrics.BACKEND_PAUSED.labels(backend=name).set(0)
+            self.on_change(name, None)
         return names
+
+
+def _no_change(_: str, __: str | None) -> None:
+    return None
 
 
 class JobSlot(Protocol):
@@ -109,8 +121,52 @@ class PipelineState:
         self.finished = self.finished or reply.finish
 
 
+@dataclass(frozen=True)
+class JobEnd:
+    """A job that reached done/, failed/ or was a duplicate: what reports and notifications
+    say about it."""
+
+    job_id: int
+    inbox: str
+    file: str
+    outcome: str
+    size: int
+    seconds: float  # claim to end
+    final_path: str | None = None
+    media_seconds: float | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    error: dict[str, Any] | None = None
+    warnings: tuple[dict[str, Any], ...] = ()  # file warnings: damage, guard, optional step
+    segments: int = 0  # transcript segments, and of them those of low confidence
+    low_confidence: int = 0
+
+    @classmethod
+    def of(cls, job: Job, outcome: Outcome, now: float,
+           facts: Mapping[str, Any] | None = None) -> JobEnd:
+        facts = facts or {}
+        duration = facts.get("duration")
+        timings = facts.get("timings")
+        return cls(job.id, job.inbox, job.rel_path, outcome.value, job.size,
+                   max(0.0, now - (job.started or now)), job.final_path,
+                   float(duration) if isinstance(duration, int | float) else None,
+                   {str(k): float(v) for k, v in timings.items()}
+                   if isinstance(timings, Mapping) else {},
+                   dict(job.error) if job.error else None,
+                   tuple(dict(w) for w in facts.get(WARNINGS_FACT) or ()
+                         if isinstance(w, Mapping)),
+                   _count(facts.get("segments")), _count(facts.get("quality_warnings")))
+
+
+def _count(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _no_listener(_: JobEnd) -> None:
+    return None
+
+
 class JobRunner:
-    def __init__(self, settings: Settings, journal: Journal, executor: LocalExecutor,
+    def __init__(self, settings: Settings, journal: Journal, executor: Executor,
                  gate: BackendGate, mover: Mover | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.journal = journal
@@ -122,9 +178,12 @@ class JobRunner:
         self.claims = ClaimStage(journal, self.mover)
         self.finishes = FinishStage(journal, self.mover, sidecar)
         self.progress: dict[int, Progress] = {}
+        self.on_end: Callable[[JobEnd], None] = _no_listener  # reports, notifications
 
     def configure(self, settings: Settings) -> None:
         self.settings = settings
+        self.redactor = Redactor.of_environment(settings.key_variables,
+                                               files=settings.key_files)
         for inbox in settings.inboxes:
             self.mover.folders[inbox.name] = InboxFolders.of(inbox, settings.folders)
 
@@ -134,7 +193,7 @@ class JobRunner:
 
     @property
     def work_root(self) -> Path:
-        return self.settings.daemon.state_dir / "work"
+        return self.settings.cluster.work_dir or self.settings.daemon.state_dir / "work"
 
     def _workdir(self, job_id: int) -> Path:
         return self.work_root / str(job_id)
@@ -176,7 +235,9 @@ class JobRunner:
             done = await self._publish(claimed, state)
         except Exception as exc:
             return await self.handle_error(job, exc, progress.step, log)
+        self.executor.recorded(job.id, len(self.settings.inbox(job.inbox).pipeline))
         self._count_done(done, state, self.clock() - started)
+        self._ended(done, Outcome.DONE, state.facts)
         await self._record_done(state, log)
         return Outcome.DONE
 
@@ -203,10 +264,20 @@ class JobRunner:
                 self.journal.step_done(job, steps)
             raise
 
-    async def finish_duplicate(self, job: Job) -> Job:
-        """A file whose content is done already: straight to done/, no steps."""
+    async def finish_duplicate(self, job: Job, original_id: int) -> Job:
+        """A file whose content is done already: no steps; it gets copies of the outputs
+        the original got (named after itself), and goes to done/."""
         self.journal.take(job)
-        return await self.finishes.finish(Ending(job, JobState.DUPLICATE))
+        original = await asyncio.to_thread(self.journal.finished_job, original_id)
+        copies = {} if original is None else await asyncio.to_thread(
+            duplicate_outputs, original, job)
+        get_logger(inbox=job.inbox, file=job.rel_path, job_id=job.id).info(
+            "duplicate_found", original=original.rel_path if original else None,
+            original_job=original_id, outputs=sorted(copies))
+        done = await self.finishes.finish(Ending(job, JobState.DUPLICATE, artifacts=copies))
+        facts = {"duplicate_of": original.rel_path} if original else {}
+        self._ended(done, Outcome.DUPLICATE, facts)
+        return done
 
     # --- steps ------------------------------------------------------------------------------
 
@@ -227,6 +298,7 @@ class JobRunner:
             if checkpoints:
                 await asyncio.to_thread(self._save_state, job, state)
                 job = self.journal.step_done(job, index + 1)
+                self.executor.recorded(job.id, index + 1)
         return state or PipelineState()
 
     async def _run_step(self, job: Job, index: int, spec: StepSpec, state: PipelineState,
@@ -241,7 +313,7 @@ class JobRunner:
             step_index=index, step=spec, source=Path(job.claimed_path or ""),
             media=state.media, facts=state.facts, artifacts=state.artifacts,
             job_dir=self._workdir(job.id), needs_workdir=self.executor.needs_workdir(spec),
-            settings=self.settings)
+            settings=self.settings, attempt=job.attempts)
         reply = await self.executor.run(request, log=log.bind(step=label), progress=report)
         if reply.error is not None:
             raise reply.error.to_exception()
@@ -293,7 +365,7 @@ class JobRunner:
         if job.final_path is not None:  # the end was written down; only its moves failed
             return self._postpone_final(job, exc, log)
         category = classify_exception(exc)
-        info = error_info(job, exc, category, step, self.clock())
+        info = error_info(job, exc, category, step, self.clock(), self.redactor)
         if isinstance(exc, BackendFatal) and job.state is JobState.RUNNING:
             self.gate.pause(exc.backend, info["message"])
             self.journal.hold(job, exc.backend, info)
@@ -307,9 +379,20 @@ class JobRunner:
         if step in OPTIONAL_STEPS and (kept := await self._publish_without(job, info, log)):
             return kept
         log.error("job_failed", step=step, category=category.value, error=info["message"])
-        await self.finishes.finish(Ending(job, JobState.FAILED, info,
-                                          workdir=self._workdir(job.id)))
+        failed = await self.finishes.finish(Ending(job, JobState.FAILED, info,
+                                                   workdir=self._workdir(job.id)))
+        self._ended(failed, Outcome.FAILED)
         return Outcome.FAILED
+
+    def _ended(self, job: Job, outcome: Outcome, facts: Mapping[str, Any] | None = None,
+               warning: dict[str, Any] | None = None) -> None:
+        end = JobEnd.of(job, outcome, self.clock(), facts)
+        if warning is not None:
+            end = dataclasses.replace(end, warnings=(*end.warnings, warning))
+        try:
+            self.on_end(end)
+        except Exception:  # a listener's bug never fails a finished job
+            get_logger(component="jobs").exception("job_end_listener_failed", job_id=job.id)
 
     async def _publish_without(self, job: Job, info: dict[str, Any],
                                log: FilteringBoundLogger) -> Outcome | None:
@@ -320,14 +403,16 @@ class JobRunner:
             return None
         stem = PurePosixPath(job.rel_path).stem
         note = self._workdir(job.id) / "warnings" / f"{stem}.warnings.json"
-        body = {"file": job.rel_path, "warnings": [
-            {k: info[k] for k in ("step", "category", "reason", "message", "attempts")}]}
+        earlier = [dict(w) for w in state.facts.get(WARNINGS_FACT) or ()]  # damage, guard, ...
+        body = {"file": job.rel_path, "warnings": [*earlier, {
+            k: info[k] for k in ("step", "category", "reason", "message", "attempts")}]}
         await asyncio.to_thread(write_atomic, note, (json.dumps(body, indent=2) + "\n").encode())
         log.warning("optional_step_failed", step=info["step"], error=info["message"],
                     published=sorted(state.artifacts))
-        await self.finishes.finish(Ending(
+        done = await self.finishes.finish(Ending(
             job, JobState.DONE, None, {**state.artifacts, note.name: str(note)}, state.spawn,
             self._workdir(job.id)))
+        self._ended(done, Outcome.DONE, state.facts, warning=info)
         await self._record_done(state, log)
         return Outcome.DONE
 
@@ -356,14 +441,26 @@ class JobRunner:
         await self.executor.aclose()
 
 
+def duplicate_outputs(original: Job, duplicate: Job) -> dict[str, str]:
+    """The original's published outputs that are still there, named for the duplicate
+    (`talk.txt` of talk.mp3 becomes `talk-copy.txt` for talk-copy.mp3)."""
+    old, new = PurePosixPath(original.rel_path).stem, PurePosixPath(duplicate.rel_path).stem
+    copies: dict[str, str] = {}
+    for name, dest in (original.outputs or {}).items():
+        if name.startswith(SPAWN_PREFIX) or not Path(dest).is_file():
+            continue
+        copies[new + name[len(old):] if name.startswith(old) else name] = dest
+    return copies
+
+
 def error_info(job: Job, exc: BaseException, category: Category, step: str,
-               now: float) -> dict[str, Any]:
+               now: float, redactor: Redactor) -> dict[str, Any]:
     """What a failure sidecar and the journal say about an error; secrets redacted."""
     message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
     return {
         "category": category.value,
         "reason": getattr(exc, "reason", type(exc).__name__),
-        "message": redact_text(message),
+        "message": redactor.text(message),
         "step": step,
         "attempts": job.attempts + 1,
         "at": _iso(now),

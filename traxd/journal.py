@@ -33,7 +33,10 @@ from traxd.store import (
     DONE_FILES,
     DONE_WITH_HASH,
     FAILED_ROWS,
+    FAILED_UNMOVED,
     FINISHED_COUNTS,
+    FINISHED_JOB,
+    LAST_DONE,
     LAST_ID,
     LIVE_ROWS,
     Store,
@@ -76,7 +79,7 @@ QUEUE = _t("queue", [S.SEEN], S.QUEUED)  # settled and hashed
 UNSETTLE = _t("unsettle", [S.QUEUED], S.SEEN)  # changed since it settled: watched again
 START = _t("start", [S.QUEUED], S.RUNNING)  # claimed into processing/
 STEP_DONE = _t("step_done", [S.RUNNING], None)
-PLAN_OUTPUTS = _t("plan_outputs", [S.RUNNING], None)
+PLAN_OUTPUTS = _t("plan_outputs", [S.RUNNING, S.QUEUED], None)  # queued: a duplicate's copies
 DESTINE = _t("destine", ACTIVE, None)  # where the original goes, before it moves
 FINISH = _t("finish", ACTIVE, None)  # the move is done: the outcome becomes the state
 RETRY = _t("retry", [S.RUNNING, S.QUEUED], S.QUEUED)  # back-off, then again
@@ -195,6 +198,10 @@ class Journal:
         job_id = self._claiming.get((inbox, rel_path))
         return self._live[job_id] if job_id is not None else None
 
+    def live_count(self) -> int:
+        """Live jobs (not finished)."""
+        return len(self._live)
+
     def live(self, *states: JobState, inbox: str | None = None) -> list[Job]:
         """Live jobs in these states (all live states when none are given), oldest first."""
         wanted = set(states or ACTIVE)
@@ -230,6 +237,20 @@ class Journal:
 
     def failed(self) -> list[Job]:
         return [Job.from_row(r) for r in self.store.read(FAILED_ROWS)]
+
+    def failed_unmoved(self, inbox: str, rel_path: str, size: int, mtime_ns: int) -> bool:
+        """Whether this very file (same size and mtime) failed without being claimed (it
+        could not be moved out of its folder): it is left alone until it changes."""
+        return bool(self.store.read(FAILED_UNMOVED, (inbox, rel_path, size, mtime_ns)))
+
+    def finished_job(self, job_id: int) -> Job | None:
+        rows = self.store.read(FINISHED_JOB, (job_id,))
+        return Job.from_row(rows[0]) if rows else None
+
+    def last_done_times(self) -> dict[str, float]:
+        """When each inbox last had a file done (for the metrics after a restart)."""
+        return {inbox: float(when) for inbox, when in self.store.read(LAST_DONE)
+                if when is not None}
 
     def done_files(self) -> set[tuple[str, int, int]]:
         """(rel_path, size, mtime_ns) of every file done (`traxd batch` resumes by it)."""

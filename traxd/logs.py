@@ -11,7 +11,8 @@ import queue
 import re
 import sys
 import threading
-from collections.abc import MutableMapping
+from collections.abc import Iterable, Mapping, MutableMapping
+from pathlib import Path
 from typing import Any, TextIO
 
 import structlog
@@ -20,6 +21,11 @@ from structlog.typing import FilteringBoundLogger
 _SECRET_KEYS = re.compile(r"(api[_-]?key|token|secret|password|authorization)", re.IGNORECASE)
 _SECRET_VALUES = re.compile(r"\b(sk-[A-Za-z0-9_\-]{8,}|Bearer\s+[A-Za-z0-9._\-]{8,})")
 REDACTED = "[redacted]"
+# Environment variables that look like credentials: a child never inherits them, and their
+# values are redacted wherever traxd writes text.
+CREDENTIAL_NAMES = re.compile(
+    r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH|COOKIE|SESSION|PRIVATE|_PAT$|DSN$", re.IGNORECASE)
+SHORTEST_SECRET = 8  # shorter values (SESSION_ID=3) are not worth hiding and would mangle text
 
 
 def redact_text(text: str) -> str:
@@ -29,18 +35,47 @@ def redact_text(text: str) -> str:
     return _SECRET_VALUES.sub(REDACTED, text)
 
 
+class Redactor:
+    """Hides known secret values, whatever their shape, and key- or token-shaped text."""
+
+    def __init__(self, values: Iterable[str] = ()) -> None:
+        self.values = tuple(sorted({v for v in values if len(v) >= SHORTEST_SECRET},
+                                   key=len, reverse=True))
+
+    @classmethod
+    def of_environment(cls, names: Iterable[str] = (),
+                       environ: Mapping[str, str] | None = None,
+                       files: Iterable[Path] = ()) -> Redactor:
+        """The values of the named variables (the configured api_key_env), of every
+        variable whose name looks like a credential, and of the key files (api_key_file)."""
+        env = os.environ if environ is None else environ
+        wanted = set(names)
+        values = [v for k, v in env.items() if k in wanted or CREDENTIAL_NAMES.search(k)]
+        for path in files:
+            with contextlib.suppress(OSError, UnicodeDecodeError):
+                values.append(path.read_text(encoding="utf-8").strip())
+        return cls(values)
+
+    def text(self, text: str) -> str:
+        for value in self.values:
+            if value in text:
+                text = text.replace(value, REDACTED)
+        return redact_text(text)
+
+    def __call__(self, _: Any, __: str, event: MutableMapping[str, Any]
+                 ) -> MutableMapping[str, Any]:
+        """The structlog processor."""
+        for key, value in event.items():
+            if _names_a_secret(key):
+                event[key] = REDACTED
+            elif isinstance(value, str):
+                event[key] = self.text(value)
+        return event
+
+
 @functools.cache
 def _names_a_secret(key: str) -> bool:
     return _SECRET_KEYS.search(key) is not None
-
-
-def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    for key, value in event.items():
-        if _names_a_secret(key):
-            event[key] = REDACTED
-        elif isinstance(value, str):
-            event[key] = redact_text(value)
-    return event
 
 
 def wants_json(log_format: str, stream: TextIO) -> bool:
@@ -87,7 +122,8 @@ class LogWriter:
             self._thread.join(timeout=5)
 
 
-def configure(log_format: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
+def configure(log_format: str = "auto", level: str = "info", stream: TextIO | None = None,
+              redactor: Redactor | None = None) -> None:
     out = stream or sys.stderr
     renderer: Any = (structlog.processors.JSONRenderer() if wants_json(log_format, out)
                      else structlog.dev.ConsoleRenderer(colors=out.isatty()))
@@ -97,7 +133,7 @@ def configure(log_format: str = "auto", level: str = "info", stream: TextIO | No
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
-            redact,
+            redactor or Redactor.of_environment(),
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
     Info,
+    disable_created_metrics,
     gc_collector,
     platform_collector,
     process_collector,
@@ -60,9 +63,16 @@ BACKEND_PAUSED = Gauge(
 LAST_SUCCESS = Gauge(
     "traxd_last_success_timestamp_seconds", "Unix time of the last job done", ["inbox"],
     registry=REGISTRY)
+INBOX_PAUSED = Gauge(
+    "traxd_inbox_paused", "1 while an inbox is paused or draining on purpose (traxd pause, "
+    "traxd drain)", ["inbox"], registry=REGISTRY)
 RECONCILE_FOUND = Counter(
     "traxd_reconcile_found", "Files found by a reconcile scan that no event announced",
     ["inbox"], registry=REGISTRY)
+
+NOTIFICATIONS = Counter(
+    "traxd_notifications", "Notification messages, by event and outcome (sent, failed, dropped)",
+    ["event", "outcome"], registry=REGISTRY)
 
 INTERNAL_ERRORS = Counter(
     "traxd_internal_errors", "Exceptions nothing classified (bugs), by step; each is retried",
@@ -71,6 +81,38 @@ EVENT_LOOP_LAG = Histogram(
     "traxd_event_loop_lag_seconds", "How much later than asked the event loop woke up",
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=REGISTRY)
 
+# Scale-out ([cluster] broker): what the daemon last saw in Redis.
+WORKERS_ALIVE = Gauge(
+    "traxd_workers_alive", "traxd worker processes heartbeating within the lease",
+    registry=REGISTRY)
+WORKER_BUSY = Gauge(
+    "traxd_worker_busy", "Steps a live worker process is running now", ["worker"],
+    registry=REGISTRY)
+CLUSTER_QUEUE_DEPTH = Gauge(
+    "traxd_cluster_queue_depth", "Step messages waiting for a worker, by queue", ["queue"],
+    registry=REGISTRY)
 
-def set_build_info() -> None:
+
+OUTCOMES = ("done", "failed", "duplicate")
+THROTTLE_REASONS = ("memory", "cpu", "disk_full")
+
+
+def publish_known(inboxes: Sequence[str], backends: Iterable[str],
+                  last_success: Mapping[str, float]) -> None:
+    """The series whose labels are known at start, from the start (at 0 until something
+    happens; the last success of each inbox as the journal remembers it), and no
+    `_created` series."""
+    disable_created_metrics()  # type: ignore[no-untyped-call]
     BUILD_INFO.info({"version": __version__})
+    for inbox in inboxes:
+        for outcome in OUTCOMES:
+            JOBS_COMPLETED.labels(inbox=inbox, outcome=outcome)
+        for series in (FILES_DISCOVERED, QUEUE_DEPTH, JOBS_IN_PROGRESS, MEDIA_SECONDS,
+                       BYTES_PROCESSED, RECONCILE_FOUND, INBOX_PAUSED, JOB_DURATION):
+            series.labels(inbox=inbox)
+        if inbox in last_success:
+            LAST_SUCCESS.labels(inbox=inbox).set(last_success[inbox])
+    for backend in backends:
+        BACKEND_PAUSED.labels(backend=backend)
+    for reason in THROTTLE_REASONS:
+        THROTTLED.labels(reason=reason)

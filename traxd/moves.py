@@ -7,6 +7,7 @@ moves (`claim`, `publish`, `place`) happen.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import threading
@@ -21,6 +22,7 @@ from traxd.folders import (
     copy_atomic,
     describe_unprocessable,
     fsync_dirs,
+    movable,
     move,
     move_out_of,
     remove_empty_parents,
@@ -30,6 +32,7 @@ from traxd.folders import (
     write_atomic,
 )
 from traxd.journal import Job, JobState
+from traxd.pipeline.base import BESIDE
 
 SPAWN_PREFIX = "spawn:"
 
@@ -114,6 +117,12 @@ class Mover:
             return ClaimPlan(job, problem=exc)
         if (info.st_size, info.st_mtime_ns) != (job.size, job.mtime_ns):
             return ClaimPlan(job, changed=True)
+        if not movable(src):
+            return ClaimPlan(job, problem=Permanent(
+                f"{src.parent} cannot be written (read-only or no permission), and traxd moves "
+                "each file out of its inbox while it works on it: make the folder writable or "
+                "copy the files into a writable inbox; the file is left where it is",
+                reason="read_only"))
         return ClaimPlan(job, unique_path(folders.processing, job.rel_path, taken))
 
     def claim(self, plans: Sequence[ClaimPlan]) -> list[Exception | None]:
@@ -145,21 +154,32 @@ class Mover:
 
     def plan_endings(self, publishing: Sequence[Ending], ending: Sequence[Ending]
                      ) -> tuple[list[dict[str, str]], list[Path]]:
-        """Names for the outputs of `publishing` and the originals of `ending`, in one go."""
-        return self.plan_outputs(publishing), self.plan_finals(ending)
+        """Names for the outputs of `publishing` and the originals of `ending`, in one go
+        (subtitles that go beside an original take its name)."""
+        finals = self.plan_finals(ending)
+        by_job = {e.job.id: final for e, final in zip(ending, finals, strict=True)}
+        return self.plan_outputs(publishing, by_job), finals
 
-    def plan_outputs(self, endings: Sequence[Ending]) -> list[dict[str, str]]:
+    def plan_outputs(self, endings: Sequence[Ending],
+                     finals: Mapping[int, Path] | None = None) -> list[dict[str, str]]:
         """Destinations of every output, unique across the batch, the folders and the names
-        other unfinished jobs hold."""
+        other unfinished jobs hold. `finals`: where each job's original goes (job id ->
+        path), planned here when not given."""
+        if finals is None:
+            finals = {e.job.id: f for e, f in zip(endings, self.plan_finals(endings),
+                                                   strict=True)}
         taken = self.reserved
-        return [self._plan_outputs(ending, taken) for ending in endings]
+        return [self._plan_outputs(ending, taken, finals[ending.job.id]) for ending in endings]
 
-    def _plan_outputs(self, ending: Ending, taken: set[Path]) -> dict[str, str]:
+    def _plan_outputs(self, ending: Ending, taken: set[Path], final: Path) -> dict[str, str]:
         folders = self.folders[ending.job.inbox]
         subdir = PurePosixPath(ending.job.rel_path).parent
         plan: dict[str, str] = {}
         for key in sorted(ending.artifacts):
-            plan[key] = str(self._take(folders.outputs, str(subdir / key), taken))
+            if key.startswith(BESIDE):
+                plan[key] = str(self._beside(final, key.removeprefix(BESIDE), taken))
+            else:
+                plan[key] = str(self._take(folders.outputs, str(subdir / key), taken))
         for index, spawned in enumerate(ending.spawn):
             dest = self._take(folders.inbox, str(subdir / Path(spawned).name), taken)
             plan[SPAWN_PREFIX + str(index)] = str(dest)
@@ -168,6 +188,20 @@ class Mover:
     @staticmethod
     def _take(folder: Path, rel: str, taken: set[Path]) -> Path:
         dest = unique_path(folder, rel, taken)
+        taken.add(dest)
+        return dest
+
+    @staticmethod
+    def _beside(final: Path, suffix: str, taken: set[Path]) -> Path:
+        """`Movie (2020).en.srt` beside `Movie (2020).mkv` (suffix ".en.srt"); when that is
+        taken (a subtitle already there), `Movie (2020).traxd.en.srt`, then `.traxd2.`, …"""
+        stem = final.with_suffix("").name
+        candidates = itertools.chain(
+            [f"{stem}{suffix}", f"{stem}.traxd{suffix}"],
+            (f"{stem}.traxd{n}{suffix}" for n in itertools.count(2)))
+        dest = next(final.with_name(name) for name in candidates
+                    if not os.path.lexists(final.with_name(name))
+                    and final.with_name(name) not in taken)
         taken.add(dest)
         return dest
 
@@ -233,7 +267,7 @@ class Mover:
             self.withdraw_outputs(job)
             write_atomic(sidecar_path(final), sidecar or b"{}\n", synced)
         src = self.source(job)
-        if os.path.lexists(src) and not os.path.lexists(final):
+        if os.path.lexists(src) and not os.path.lexists(final) and movable(src):
             move(src, final, synced)
             folders = self.folders[job.inbox]
             return [(src, folders.processing if job.claimed_path else folders.inbox)]

@@ -55,15 +55,13 @@ class Operations:
 
     def pause(self, inbox: str | None) -> dict[str, Any]:
         names = self._names(inbox)
-        self.parts.gates.paused.update(names)
+        self.parts.gates.pause(names)
         self._log.info("paused", inboxes=names)
         return {"paused": names}
 
     def resume(self, inbox: str | None) -> dict[str, Any]:
         names = self._names(inbox)
-        gates = self.parts.gates
-        gates.paused.difference_update(names)
-        gates.draining.difference_update(names)
+        self.parts.gates.resume(names)
         backends = self.parts.backends.resume() if inbox is None else []
         self.parts.journal.release_all(inbox)
         self.parts.pool.wake()
@@ -72,7 +70,7 @@ class Operations:
 
     def drain(self, inbox: str | None) -> dict[str, Any]:
         names = self._names(inbox)
-        self.parts.gates.draining.update(names)
+        self.parts.gates.drain(names)
         return {"draining": names, "running": len(self.parts.pool.running)}
 
     async def retry(self, names: list[str] | None) -> dict[str, Any]:
@@ -122,6 +120,7 @@ class Operations:
             "throttled": {"memory": admission.memory_short, "cpu": admission.cpu_busy},
             "workers_allowed": admission.allowed,
             "workers": self.settings.daemon.workers,
+            **({"cluster": cluster} if (cluster := self.parts.runner.executor.status()) else {}),
         }
 
     def _inbox(self, name: str, schedule: str, now: float) -> dict[str, Any]:
@@ -181,8 +180,12 @@ class Operations:
             return False, "a watcher has stopped"
         if missing := self.parts.inboxes_missing():
             return False, "inbox folder missing (not watched): " + ", ".join(sorted(missing))
-        if (problem := self.parts.journal.store.problem) is not None:
-            return False, f"the journal is not writable: {problem}"
+        store = self.parts.journal.store
+        if store.disk_full:
+            return False, (f"the disk holding the journal is full ({store.problem}): no new "
+                           "work starts until there is space")
+        if store.problem is not None:
+            return False, f"the journal is not writable: {store.problem}"
         if self.parts.backends.paused:
             return False, "paused backends: " + ", ".join(sorted(self.parts.backends.paused))
         return True, ""

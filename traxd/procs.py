@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import signal
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 
 from traxd.errors import ResourceExceeded, StepTimeout
+from traxd.logs import CREDENTIAL_NAMES
 
 LineHandler = Callable[[str], None]
 
@@ -24,15 +25,25 @@ PUMP_CHUNK = 1 << 16
 STOP_ESCALATION = ((signal.SIGINT, 2.0), (signal.SIGTERM, 3.0))
 
 
-# Environment variables that look like credentials: a child never inherits them (steps that
-# call an API do so inside the daemon, which reads the keys; programs started get none).
-CREDENTIAL_NAMES = re.compile(
-    r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH|COOKIE|SESSION|PRIVATE|_PAT$|DSN$", re.IGNORECASE)
+def watch_children_by_pidfd() -> None:
+    """On Python 3.11 asyncio starts a thread per child to wait for its exit; a pidfd on the
+    running loop costs none (Python 3.12 does this by itself). Where pidfds are missing
+    (macOS, old kernels), the default stays."""
+    if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
+        return
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:
+        return
+    watcher = asyncio.PidfdChildWatcher()
+    watcher.attach_loop(asyncio.get_running_loop())
+    asyncio.get_event_loop_policy().set_child_watcher(watcher)
 
 
 def child_environment(environ: Mapping[str, str] | None = None,
                       **extra: str) -> dict[str, str]:
-    """The environment a child process gets: ours without anything credential-like."""
+    """The environment a child process gets: ours without anything credential-like (steps
+    that call an API do so inside the daemon, which reads the keys; programs get none)."""
     source = os.environ if environ is None else environ
     return {**{k: v for k, v in source.items() if not CREDENTIAL_NAMES.search(k)}, **extra}
 
@@ -79,6 +90,7 @@ async def run_process(
     cwd: Path | None = None,
     env: Mapping[str, str] | None = None,
     stderr_lines: int = 40,
+    stdin: bytes | None = None,
 ) -> ProcessResult:
     """Run argv to its end; limits breached raise StepTimeout or ResourceExceeded.
 
@@ -86,7 +98,7 @@ async def run_process(
     """
     proc = await asyncio.create_subprocess_exec(
         *argv,
-        stdin=asyncio.subprocess.DEVNULL,
+        stdin=asyncio.subprocess.DEVNULL if stdin is None else asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         cwd=cwd,
@@ -101,6 +113,8 @@ async def run_process(
             keep = stdout if capture_stdout else None
             group.create_task(_pump(proc.stdout, watch, on_stdout_line, keep))
             group.create_task(_pump(proc.stderr, watch, tail.append, None))
+            if stdin is not None:
+                group.create_task(_feed(proc.stdin, stdin))
             watcher = group.create_task(_watch(proc, limits, watch))
             await proc.wait()
             watcher.cancel()
@@ -113,6 +127,16 @@ async def run_process(
         raise watch.verdict
     return ProcessResult(tuple(argv), proc.returncode or 0, bytes(stdout), "\n".join(tail),
                          watch.peak_rss_mb)
+
+
+async def _feed(stream: asyncio.StreamWriter | None, data: bytes) -> None:
+    """Write `data` to the child's stdin and close it; a child that stops reading is fine."""
+    if stream is None:
+        return
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        stream.write(data)
+        await stream.drain()
+    stream.close()
 
 
 async def _pump(
@@ -142,16 +166,22 @@ async def _pump(
         handler(pending.decode("utf-8", "replace").rstrip("\r"))
 
 
-async def _watch(proc: asyncio.subprocess.Process, limits: ProcessLimits, watch: _Watch) -> None:
+async def _watch(proc: asyncio.subprocess.Process, limits: ProcessLimits, watch: _Watch,
+                 clock: Callable[[], float] = time.monotonic) -> None:
     """Every WATCH_INTERVAL, judge the tree's memory, time and progress (a program that
     ends before the first look is never looked at: most commands are that quick). A program
     that has exited while its output stays open left children holding the pipes: they end."""
-    started = time.monotonic()
+    started = looked = clock()
     await asyncio.sleep(WATCH_INTERVAL)
     with contextlib.suppress(psutil.Error):
         root = psutil.Process(proc.pid)
         while proc.returncode is None:
-            watch.verdict = _verdict(root, limits, watch, started, time.monotonic())
+            now = clock()
+            # Time this daemon did not run (stopped, suspended, starved) is no one's stall.
+            missed = max(0.0, now - looked - WATCH_INTERVAL)
+            started, looked = started + missed, now
+            watch.last_activity += missed
+            watch.verdict = _verdict(root, limits, watch, started, now)
             if watch.verdict is not None:
                 await stop_process(proc)
                 return
@@ -162,6 +192,8 @@ async def _watch(proc: asyncio.subprocess.Process, limits: ProcessLimits, watch:
 def _verdict(
     root: psutil.Process, limits: ProcessLimits, watch: _Watch, started: float, now: float
 ) -> Exception | None:
+    if root.status() == psutil.STATUS_ZOMBIE:
+        return None  # it has ended; its exit is on the way
     rss, cpu = tree_usage(root)
     watch.peak_rss_mb = max(watch.peak_rss_mb, rss)
     if cpu > watch.cpu_seconds + 0.01:

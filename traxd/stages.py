@@ -72,7 +72,7 @@ class FinishStage:
         results: list[Job | BaseException | None] = [None] * len(endings)
         current = [_current(e, self.journal) for e in endings]
         todo = [i for i, e in enumerate(current) if e.job.final_path is None]
-        publishing = [i for i in todo if current[i].outcome is JobState.DONE
+        publishing = [i for i in todo if current[i].outcome in (JobState.DONE, JobState.DUPLICATE)
                       and (current[i].artifacts or current[i].spawn)]
         unplanned = [i for i in publishing if current[i].job.outputs is None]
         plans, finals = await asyncio.to_thread(
@@ -114,8 +114,10 @@ class FinishStage:
     def _finished(self, job: Job) -> Job:
         job = self.journal.finish(job)
         metrics.JOBS_COMPLETED.labels(inbox=job.inbox, outcome=job.state.value).inc()
+        # A failure was logged, with its reason, when it happened; here only where it went.
+        event = "failed_file_placed" if job.state is JobState.FAILED else f"job_{job.state.value}"
         get_logger(inbox=job.inbox, file=job.rel_path, job_id=job.id).info(
-            "job_" + job.state.value, moved_to=job.final_path)
+            event, moved_to=job.final_path)
         return job
 
     async def close(self) -> None:

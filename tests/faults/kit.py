@@ -30,6 +30,9 @@ class Tally:
     # phase -> SIGKILLs that caught several jobs in it at once (a batched claim or finish)
     batched: Counter[str] = field(default_factory=Counter)
     bad_inputs: list[str] = field(default_factory=list)
+    operator_mistakes: list[str] = field(default_factory=list)
+    secret_shapes: list[str] = field(default_factory=list)  # secrets looked for in artefacts
+    leaks: int = 0  # secrets found where they must not be
     files_dropped: int = 0
     files_lost: int = 0
     processed_twice: int = 0
@@ -50,10 +53,15 @@ class Tally:
             + (f" ({', '.join(self.constructed)})" if self.constructed else ""),
             f"bad inputs tried: {len(self.bad_inputs)}"
             + (f" ({', '.join(self.bad_inputs)})" if self.bad_inputs else ""),
+            f"operator mistakes tried: {len(self.operator_mistakes)}"
+            + (f" ({', '.join(self.operator_mistakes)})" if self.operator_mistakes else ""),
+            f"secret shapes looked for: {len(self.secret_shapes)}"
+            + (f" ({', '.join(self.secret_shapes)})" if self.secret_shapes else ""),
             f"files dropped: {self.files_dropped}",
             f"files lost: {self.files_lost}",
             f"files processed twice: {self.processed_twice}",
             f"daemon crashes: {self.daemon_crashes}",
+            f"secrets leaked: {self.leaks}",
             f"step processes orphaned by SIGKILL (waited for): {self.orphans_waited}",
         ]
 

@@ -3,6 +3,7 @@ file dropped afterwards is still processed."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -13,6 +14,8 @@ import stat
 import subprocess
 import sys
 import tempfile
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import count
@@ -324,6 +327,55 @@ def test_symbolic_links_are_never_followed(rig: Rig) -> None:
     rig.assert_healthy()
 
 
+def _outside_twin(rig: Rig, name: str, queued: Path) -> Path:
+    """A file outside the inbox with the queued file's size and time (no tell at claim)."""
+    twin = rig.outside / name
+    twin.parent.mkdir(parents=True, exist_ok=True)
+    twin.write_bytes(b"S" * queued.stat().st_size)
+    info = queued.stat()
+    os.utime(twin, ns=(info.st_mtime_ns, info.st_mtime_ns))
+    return twin
+
+
+def test_a_queued_folder_swapped_for_a_link_takes_nothing_outside(rig: Rig) -> None:
+    # Given a file queued in a sub-folder of a paused inbox, and its twin outside
+    rig.tried("folder swapped for a link after queueing")
+    (rig.cmd.inbox / "swapdir").mkdir()
+    try:
+        queued = paused_and_queued(rig, "swapdir/talk.mp3", b"mine")
+        twin = _outside_twin(rig, "swapdir/talk.mp3", queued)
+        # When the sub-folder is swapped for a link to the outside before the claim
+        (rig.cmd.inbox / "swapdir").rename(rig.root / "moved-away")
+        (rig.cmd.inbox / "swapdir").symlink_to(rig.outside / "swapdir")
+    finally:
+        rig.control("resume", inbox="cmd")
+    # Then the claim takes nothing through the link: the twin stays, nothing is published
+    error = rig.wait_failed(rig.cmd, "swapdir/talk.mp3")
+    assert "symbolic link" in error["message"]
+    assert twin.read_bytes() == b"SSSS"
+    assert not any(n.startswith("swapdir") for n in files_under(rig.cmd.outputs))
+    rig.assert_healthy()
+
+
+def test_a_queued_file_swapped_for_a_link_takes_nothing_outside(rig: Rig) -> None:
+    # Given a queued file in a paused inbox, and its twin outside
+    rig.tried("file swapped for a link after queueing")
+    try:
+        queued = paused_and_queued(rig, "swapfile.mp3", b"mine")
+        twin = _outside_twin(rig, "swapfile.mp3", queued)
+        # When the file is swapped for a link to the twin before the claim
+        queued.unlink()
+        queued.symlink_to(twin)
+    finally:
+        rig.control("resume", inbox="cmd")
+    # Then the link itself fails, still a link, and the twin is untouched and unread
+    error = rig.wait_failed(rig.cmd, "swapfile.mp3")
+    assert "symbolic link" in error["message"]
+    assert (rig.cmd.failed / "swapfile.mp3").is_symlink() and twin.read_bytes() == b"SSSS"
+    assert "swapfile.txt" not in files_under(rig.cmd.outputs)
+    rig.assert_healthy()
+
+
 # --- names ----------------------------------------------------------------------------------
 
 ODD_NAMES = [
@@ -495,19 +547,26 @@ def test_a_second_file_with_a_255_byte_name_gets_a_numbered_name_that_fits(rig: 
 # --- a disk that fills up ---------------------------------------------------------------------
 
 
-@pytest.fixture
-def tiny_outputs(short_root: Path) -> Iterator[Path]:
-    """outputs/ on a 64 KiB tmpfs (needs the right to mount: root here)."""
-    outputs = short_root / "box" / "outputs"
-    outputs.mkdir(parents=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(outputs)],
+@contextlib.contextmanager
+def small_disk(folder: Path, size: str) -> Iterator[Path]:
+    """`folder` as a tmpfs of `size` (needs the right to mount: root here), for as long as
+    the block lasts."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
                              capture_output=True, text=True, check=False)
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs to fill ({mounted.stderr.strip()})")
+        pytest.skip(f"cannot mount a small tmpfs ({mounted.stderr.strip()})")
     try:
-        yield outputs
+        yield folder
     finally:
-        subprocess.run(["umount", "-l", str(outputs)], check=False)
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+@pytest.fixture
+def tiny_outputs(short_root: Path) -> Iterator[Path]:
+    """outputs/ on a 64 KiB disk."""
+    with small_disk(short_root / "box" / "outputs", "64k") as outputs:
+        yield outputs
 
 
 def test_a_disk_that_fills_while_outputs_are_written(short_root: Path, tiny_outputs: Path,
@@ -545,3 +604,195 @@ def test_a_disk_that_fills_while_outputs_are_written(short_root: Path, tiny_outp
     assert files_under(box.outputs) == ["big.txt"]
     assert (box.outputs / "big.txt").read_bytes() == big
     assert ledger.read_text().split() == ["big.mp3"]  # the step ran once; publish retried
+
+
+@pytest.fixture
+def tiny_state(short_root: Path) -> Iterator[Path]:
+    """The state folder (journal) on a 16 MiB disk."""
+    with small_disk(short_root / "state", "16m") as state:
+        yield state
+
+
+def fill(folder: Path) -> Path:
+    """A file that takes every free byte of `folder`'s file system."""
+    filler = folder / "filler"
+    with filler.open("wb", buffering=0) as out, contextlib.suppress(OSError):
+        while True:
+            out.write(b"\0" * 65536)
+    return filler
+
+
+def http_get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_a_full_disk_under_the_journal_pauses_intake_and_resumes(short_root: Path,
+                                                                 tiny_state: Path,
+                                                                 tally: Tally) -> None:
+    tally.bad_inputs.append("disk full under the journal")
+    # Given a daemon whose journal lives on a small disk, with one file done
+    box = Box(short_root / "box").make()
+    ledger = short_root / "ledger"
+    config = write_config(short_root / "traxd.toml", base_daemon(
+        short_root, settle_seconds=0.1, batch_interval="0.1s", metrics_address="127.0.0.1:0"),
+        [{"name": "main", "path": str(box.inbox), "pipeline": [{"command": copy_step(ledger)}]}])
+    daemon = FaultDaemon(config, short_root / "log").start()
+    url = next(e["url"] for e in daemon.events() if e["event"] == "http_listening")
+    try:
+        drop(box, "first.mp3", b"first")
+        wait_until(lambda: files_under(box.done) == ["first.mp3"], 30, message="first done")
+        # When the disk fills up and many files arrive
+        filler = fill(tiny_state)
+        names = [f"f{n:03}.mp3" for n in range(300)]
+        for name in names:
+            (box.inbox / name).write_bytes(name.encode())
+        tally.files_dropped += 301
+        # Then the daemon stays up, says why it is not ready, and counts it in a metric
+        wait_until(lambda: any(e["event"] == "journal_write_held" for e in daemon.events()), 60,
+                   message="writes held")
+        status, body = http_get(url + "/readyz")
+        assert status == 503 and "full" in body
+        assert 'traxd_throttled{reason="disk_full"} 1.0' in http_get(url + "/metrics")[1]
+        assert daemon.alive()
+        # And when space returns, everything is processed once, with nothing lost
+        filler.unlink()
+        wait_until(lambda: len(files_under(box.done)) == 301, 120, message="all done")
+        assert http_get(url + "/readyz")[0] == 200
+        assert sorted(ledger.read_text().split()) == sorted(["first.mp3", *names])
+        assert daemon.terminate() == 0
+    finally:
+        daemon.stop()
+
+
+def test_a_full_disk_at_start_is_not_called_a_damaged_journal(short_root: Path,
+                                                               tiny_state: Path,
+                                                               tally: Tally) -> None:
+    tally.bad_inputs.append("disk full before start")
+    # Given a full disk where the journal is to be made
+    box = Box(short_root / "box").make()
+    config = write_config(short_root / "traxd.toml", base_daemon(short_root),
+                          [{"name": "main", "path": str(box.inbox)}])
+    fill(tiny_state)
+    # When traxd starts
+    result = subprocess.run([sys.executable, "-m", "traxd", "run", "--config", str(config)],
+                            capture_output=True, text=True, timeout=60, check=False)
+    # Then it says the disk is full, not that the journal should be moved aside
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "is full" in result.stderr and "move" not in result.stderr, result.stderr
+
+
+def test_a_read_only_inbox_fails_each_file_once_and_leaves_it(short_root: Path,
+                                                               tally: Tally) -> None:
+    tally.bad_inputs.append("read-only inbox mount")
+    # Given an inbox on a mount of its own, read-only, holding one file
+    box = Box(short_root / "box")
+    with small_disk(box.inbox, "1m"):
+        ledger = short_root / "ledger"
+        config = write_config(short_root / "traxd.toml", base_daemon(
+            short_root, settle_seconds=0.1, reconcile_interval="0.5s", log_level="debug"), [
+                {"name": "main", "path": str(box.inbox),
+                 "pipeline": [{"command": copy_step(ledger)}]}])
+        (box.inbox / "talk.mp3").write_bytes(b"talk")
+        subprocess.run(["mount", "-o", "remount,ro", str(box.inbox)], check=True)
+        tally.files_dropped += 1
+        daemon = FaultDaemon(config, short_root / "log").start()
+        try:
+            _fails_once_and_is_left(daemon, box, short_root / "state", ledger)
+            # And once the folder can be written, the file is processed
+            subprocess.run(["mount", "-o", "remount,rw", str(box.inbox)], check=True)
+            wait_until(lambda: files_under(box.done) == ["talk.mp3"], 30, message="done")
+            assert ledger.read_text().split() == ["talk.mp3"]
+            assert daemon.terminate() == 0
+        finally:
+            daemon.stop()
+
+
+def _fails_once_and_is_left(daemon: FaultDaemon, box: Box, state: Path, ledger: Path) -> None:
+    """When the daemon finds talk.mp3, it fails once, with the reason, and the file stays;
+    later rescans leave it alone: no second job, no copy anywhere."""
+    wait_until(lambda: box.has_error("talk.mp3"), OUTCOME_TIMEOUT, message="error report")
+    error = box.error_of("talk.mp3")
+    assert error["reason"] == "read_only" and "cannot be written" in error["message"]
+    assert files_under(box.inbox) == ["talk.mp3"]
+    assert files_under(box.processing) == [] and box.failed_originals() == []
+    probed = sum(e["event"] == "intake_probed" for e in daemon.events())
+    wait_until(lambda: sum(e["event"] == "intake_probed" for e in daemon.events())
+               >= probed + 3, 30, message="three more rescans")
+    assert [r["state"] for r in read_jobs(state)] == ["failed"]
+    assert box.failed_originals() == [] and not ledger.exists()
+
+
+def test_a_journal_deleted_under_the_running_daemon_is_written_again(short_root: Path,
+                                                                     tally: Tally) -> None:
+    tally.bad_inputs.append("journal deleted while running")
+    # Given a running daemon that has done one file
+    box = Box(short_root / "box").make()
+    ledger, state = short_root / "ledger", short_root / "state"
+    config = write_config(short_root / "traxd.toml", base_daemon(short_root, settle_seconds=0.1),
+                          [{"name": "main", "path": str(box.inbox),
+                            "pipeline": [{"command": copy_step(ledger)}]}])
+    daemon = FaultDaemon(config, short_root / "log").start()
+    tally.files_dropped += 2
+    try:
+        drop(box, "before.mp3", b"before")
+        wait_until(lambda: files_under(box.done) == ["before.mp3"], 30, message="before done")
+        # When its journal files are deleted (as `rm journal.sqlite3*` would)
+        for path in state.glob("journal.sqlite3*"):
+            path.unlink()
+        # Then it says so and writes the journal again, and goes on working
+        wait_until(lambda: any(e["event"] == "journal_file_restored" for e in daemon.events()),
+                   30, message="journal restored")
+        drop(box, "after.mp3", b"after")
+        wait_until(lambda: files_under(box.done) == ["after.mp3", "before.mp3"], 30,
+                   message="after done")
+    finally:
+        daemon.stop()  # SIGKILL
+    # And the journal on disk knows both files (the last finish may still be on its way to
+    # disk at the SIGKILL: the restart completes it), so a restart redoes neither
+    assert {r["rel_path"] for r in read_jobs(state)} == {"before.mp3", "after.mp3"}
+    restarted = FaultDaemon(config, short_root / "log2").start()
+    try:
+        drop(box, "again.mp3", b"again")
+        wait_until(lambda: "again.mp3" in files_under(box.done), 30, message="again done")
+        assert restarted.terminate() == 0
+    finally:
+        restarted.stop()
+    assert sorted(ledger.read_text().split()) == ["after.mp3", "again.mp3", "before.mp3"]
+    assert {r["rel_path"]: r["state"] for r in read_jobs(state)} == {
+        "before.mp3": "done", "after.mp3": "done", "again.mp3": "done"}
+
+
+def test_an_outputs_folder_on_a_read_only_mount_makes_jobs_wait_not_fail(
+        short_root: Path, tiny_outputs: Path, tally: Tally) -> None:
+    # Given an inbox whose outputs/ folder is a read-only mount
+    tally.bad_inputs.append("read-only outputs mount")
+    box = Box(short_root / "box").make()
+    ledger = short_root / "ledger"
+    config = write_config(short_root / "traxd.toml", base_daemon(
+        short_root, settle_seconds=0.1, batch_interval="0.1s", max_retries=50,
+        retry_backoff="0.2s", retry_backoff_max="0.5s"), [{
+            "name": "main", "path": str(box.inbox), "pipeline": [{"command": copy_step(ledger)}]}])
+    subprocess.run(["mount", "-o", "remount,ro", str(tiny_outputs)], check=True)
+    daemon = FaultDaemon(config, short_root / "log").start()
+    tally.files_dropped += 1
+    try:
+        # When a file is processed
+        drop(box, "talk.mp3", b"talk")
+        # Then publishing is retried, the file waits in processing/ and is not failed
+        wait_until(lambda: sum(e["event"] == "job_retry" for e in daemon.events()) >= 2, 30,
+                   message="two retries")
+        assert "Read-only file system" in next(
+            e["error"] for e in daemon.events() if e["event"] == "job_retry")
+        assert files_under(box.processing) == ["talk.mp3"] and files_under(box.failed) == []
+        # And once the folder can be written, it is done, its step run once
+        subprocess.run(["mount", "-o", "remount,rw", str(tiny_outputs)], check=True)
+        wait_until(lambda: files_under(box.done) == ["talk.mp3"], 30, message="done")
+        assert daemon.terminate() == 0
+    finally:
+        daemon.stop()
+    assert files_under(box.outputs) == ["talk.txt"]
+    assert ledger.read_text().split() == ["talk.mp3"]

@@ -282,3 +282,47 @@ def test_a_step_process_inherits_no_credentials(short_root: Path, tally: Tally,
     assert "PATH=" in message
     assert f"\n{name}=" not in message and CREDENTIALS[name] not in message
     assert CREDENTIALS[name] not in daemon.log_text()
+
+
+LEAKY = ("import sys\n"
+         "sys.stderr.write('the key is ' + open(sys.argv[1]).read() + ' (do not share)')\n"
+         "sys.exit(3)\n")
+SECRET_SHAPES = {  # name of the variable that holds it -> a value of that shape
+    "MY_LLM": "dsk_9f8e7d6c5b4a39281706",  # configured as api_key_env; not a credential name
+    "SLACK_BOT_TOKEN": "xoxb-1234-5678-abcdefghijkl",
+    "SMTP_PASSWORD": "correct horse battery staple",
+    "SERVICE_JWT_TOKEN": "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJl",
+}
+
+
+@pytest.mark.parametrize("name", sorted(SECRET_SHAPES))
+def test_a_secret_value_is_redacted_whatever_its_shape(short_root: Path, tally: Tally,
+                                                       name: str) -> None:
+    secret = SECRET_SHAPES[name]
+    tally.secret_shapes.append(f"{name} ({secret[:4]}…)")
+    # Given a daemon with a key in its environment (MY_LLM named as the enhance key), and a
+    # command that gets the same value another way (a file) and prints it as it fails
+    box = Box(short_root / "box").make()
+    (short_root / "key").write_text(secret)
+    config = write_config(short_root / "traxd.toml", base_daemon(short_root), [{
+        "name": "main", "path": str(box.inbox),
+        "pipeline": [{"command": [sys.executable, "-c", LEAKY, str(short_root / "key")]}]}],
+        enhance={"api_key_env": "MY_LLM"})
+    daemon = FaultDaemon(config, short_root / "log", env={name: secret}).start()
+    tally.files_dropped += 1
+    try:
+        # When a file is processed and fails
+        (box.inbox / "a.mp3").write_bytes(b"a")
+        wait_until(lambda: box.has_error("a.mp3"), 30, message="a.mp3 failed")
+        assert daemon.terminate() == 0
+    finally:
+        daemon.stop()
+    # Then the message says what happened, with the value hidden in the sidecar, the log and
+    # the journal
+    assert "the key is [redacted] (do not share)" in box.error_of("a.mp3")["message"]
+    places = {"log": daemon.log_text()} | {
+        str(p): p.read_bytes().decode("latin-1")
+        for p in [*box.root.rglob("*"), *(short_root / "state").rglob("*")] if p.is_file()}
+    leaks = [place for place, text in places.items() if secret in text]
+    tally.leaks += len(leaks)
+    assert leaks == []

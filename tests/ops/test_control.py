@@ -145,16 +145,18 @@ def test_one_connection_carries_several_requests_and_bad_lines(short_tmp: Path) 
     async def client() -> list[dict[str, Any]]:
         reader, writer = await asyncio.open_unix_connection(str(path))
         writer.write(b'{"command": "status"}\nnot json\n[1]\n{"command": "pause", "x": 1}\n'
-                     b'{"command": "drain", "inbox": 5}\n{"command": "resume", "inbox": null}\n')
+                     b'{"command": "drain", "inbox": 5}\n{"command": "resume", "inbox": null}\n'
+                     + b'{"command": ' + b'[' * 200_000 + b'\n{"command": "status"}\n')
         await writer.drain()
-        answers = [json.loads(await reader.readline()) for _ in range(6)]
+        answers = [json.loads(await reader.readline()) for _ in range(8)]
         writer.close()
         await writer.wait_closed()
         return answers
 
     answers = serving(path, FakeDaemon(), client)
 
-    assert [a["ok"] for a in answers] == [True, False, False, False, False, True]
+    assert [a["ok"] for a in answers] == [True, False, False, False, False, True, False, True]
+    assert "nested too deeply" in answers[6]["error"]
     assert "JSON" in answers[1]["error"]
     assert answers[3]["error"] == "unknown request keys: x"
     assert answers[4]["error"] == "inbox must be a string or null"

@@ -45,7 +45,7 @@ def test_metrics_move_and_prometheus_scrapes_the_daemon(tmp_path: Path,
         assert http_get(f"{url}/readyz")[0] == 200
         _, before = http_get(f"{url}/metrics")
         assert 'traxd_build_info{version="' in before
-        assert sample(before, "traxd_jobs_completed_total", inbox="main", outcome="done") is None
+        assert sample(before, "traxd_jobs_completed_total", inbox="main", outcome="done") == 0
         # When two files are processed and one fails
         for name, data in (("a.mp3", b"a"), ("b.mp3", b"b"), ("bad.mp3", b"FAIL")):
             (root / "inbox" / name).write_bytes(data)
@@ -62,3 +62,45 @@ def test_metrics_move_and_prometheus_scrapes_the_daemon(tmp_path: Path,
         server = prometheus([f"127.0.0.1:{port}"])
         result = server.wait_for_sample('traxd_jobs_completed_total{outcome="done"}')
         assert float(result[0]["value"][1]) == 2
+
+
+def test_series_known_at_start_are_exported_from_the_start(tmp_path: Path) -> None:
+    # Given a daemon with two inboxes, one using the openai backend, that did one file
+    port = free_port()
+    roots = {name: tmp_path / name for name in ("main", "talks")}
+    for root in roots.values():
+        (root / "inbox").mkdir(parents=True)
+    config = write_config(tmp_path / "traxd.toml", base_daemon(
+        tmp_path, metrics_address=f"127.0.0.1:{port}"), [
+            {"name": "main", "path": str(roots["main"] / "inbox"),
+             "pipeline": [{"command": copy_step(tmp_path / "ledger")}]},
+            {"name": "talks", "path": str(roots["talks"] / "inbox"),
+             "pipeline": ["preprocess", "transcribe"]}],
+        transcribe={"backend": "openai", "base_url": "http://127.0.0.1:9/v1"})
+    url = f"http://127.0.0.1:{port}"
+    with running_daemon(config, tmp_path / "log"):
+        (roots["main"] / "inbox" / "a.mp3").write_bytes(b"a")
+        wait_until(lambda: files_under(roots["main"] / "done") == ["a.mp3"], 30, message="done")
+        wait_until(lambda: sample(http_get(f"{url}/metrics")[1],
+                                  "traxd_last_success_timestamp_seconds", inbox="main"), 10,
+                   message="last success")
+        done_at = sample(http_get(f"{url}/metrics")[1], "traxd_last_success_timestamp_seconds",
+                         inbox="main")
+    # When it is started again and scraped before anything happens
+    with running_daemon(config, tmp_path / "log2"):
+        _, text = http_get(f"{url}/metrics")
+    # Then every series whose labels are known is there, at 0 ...
+    for inbox in roots:
+        for outcome in ("done", "failed", "duplicate"):
+            assert sample(text, "traxd_jobs_completed_total", inbox=inbox,
+                          outcome=outcome) == 0, (inbox, outcome)
+        for name in ("traxd_files_discovered_total", "traxd_reconcile_found_total",
+                     "traxd_inbox_paused", "traxd_queue_depth", "traxd_jobs_in_progress"):
+            assert sample(text, name, inbox=inbox) == 0, (name, inbox)
+    assert sample(text, "traxd_backend_paused", backend="openai") == 0
+    assert sample(text, "traxd_throttled", reason="disk_full") == 0
+    # ... the last success is the one before the restart, and nothing is `_created`
+    assert sample(text, "traxd_last_success_timestamp_seconds",
+                  inbox="main") == pytest.approx(done_at, abs=1)
+    assert sample(text, "traxd_last_success_timestamp_seconds", inbox="talks") is None
+    assert "_created" not in text

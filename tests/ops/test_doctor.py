@@ -74,6 +74,21 @@ def test_a_missing_api_key_fails_and_a_present_one_is_never_shown(
     assert SECRET not in text and SECRET[:8] not in text
 
 
+def test_a_key_file_is_checked_and_its_key_never_shown(tmp_path: Path) -> None:
+    # Given the transcription key named as a file that is not there
+    key_file = tmp_path / "openai.key"
+    settings = settings_for(tmp_path, "transcribe", backend="openai")
+    settings = Settings(daemon=settings.daemon, inboxes=settings.inboxes,
+                        transcribe=TranscribeSettings(backend="openai", api_key_file=key_file))
+    # Then the doctor fails and names the file
+    [check] = check_api_keys(settings)
+    assert (check.level, check.name) == ("fail", f"API key file {key_file}")
+    # When the key is there, Then it passes without showing it
+    key_file.write_text(SECRET + "\n")
+    [check] = check_api_keys(settings)
+    assert check.level == "ok" and SECRET not in check.detail
+
+
 def test_keys_are_checked_only_for_backends_in_use(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)

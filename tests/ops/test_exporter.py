@@ -32,7 +32,7 @@ def test_port_zero_reports_the_bound_port(server: HttpServerHandle) -> None:
 
 def test_metrics_serves_the_traxd_registry(server: HttpServerHandle) -> None:
     # Given some traxd metrics
-    metrics.set_build_info()
+    metrics.publish_known([], [], {})
     metrics.QUEUE_DEPTH.labels(inbox="exporter-test").set(7)
 
     # When Prometheus scrapes

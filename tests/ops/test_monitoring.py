@@ -149,6 +149,9 @@ INPUT_SERIES = [
     series("traxd_queue_depth", "3x500", inbox="stuck"),
     series("traxd_jobs_in_progress", "0x500", inbox="stuck"),
     series("traxd_last_success_timestamp_seconds", "0x500", inbox="stuck"),
+    series("traxd_queue_depth", "3x500", inbox="held"),  # paused on purpose: no alert
+    series("traxd_inbox_paused", "1x500", inbox="held"),
+    series("traxd_inbox_paused", "0x500", inbox="stuck"),
     series("traxd_queue_depth", "3x150", inbox="busy"),
     series("traxd_jobs_completed_total", "0+1x150", inbox="busy", outcome="done"),
     series("traxd_jobs_completed_total", "0+1x150", inbox="bad", outcome="done"),
@@ -167,9 +170,10 @@ EXPECTED = {
                        "`traxd resume`."}),
     "TraxdQueueNotDraining": ("150m", {"severity": "warning", "instance": "a", "inbox": "stuck"}, {
         "summary": "traxd inbox stuck is not draining on a",
-        "description": "3 jobs are queued in stuck and none has finished for over an hour. "
-                       "Expected while the inbox is paused or outside its schedule window; "
-                       "otherwise see `traxd status` (throttling, paused backends)."}),
+        "description": "3 jobs are queued in stuck and none has finished for over an hour "
+                       "(an inbox paused or drained on purpose is left out). Expected outside "
+                       "its schedule window; otherwise see `traxd status` (throttling, paused "
+                       "backends)."}),
     "TraxdFailureRatioHigh": ("150m", {"severity": "warning", "instance": "a", "inbox": "bad"}, {
         "summary": "traxd fails 50% of jobs in bad",
         "description": "More than 20% of the jobs finished in the last hour in bad on a failed. "
@@ -221,7 +225,7 @@ def test_the_alert_unit_test_can_fail(tmp_path: Path) -> None:
 
 @pytest.fixture
 def exporter() -> Iterator[HttpServerHandle]:
-    metrics.set_build_info()
+    metrics.publish_known([], [], {})
     handle = start_http("127.0.0.1:0", FakeHealth())
     yield handle
     handle.close()
