@@ -12,8 +12,14 @@ import pytest
 
 from traxd.pipeline import ffmpeg as ffmpeg_module
 from traxd.pipeline.ffmpeg import chunk_spans
-from traxd.pipeline.formats import WARNINGS_FACT, Segment, Transcript, hallucination
-from traxd.pipeline.stitch import merge_chunks, stitch
+from traxd.pipeline.formats import (
+    WARNINGS_FACT,
+    Segment,
+    TimedWord,
+    Transcript,
+    hallucination,
+)
+from traxd.pipeline.stitch import merge_chunks, split_at_silences, stitch
 from traxd.pipeline.transcribe import TranscribeStep
 
 from .conftest import LONG_SENTENCES, ContextFactory
@@ -220,3 +226,25 @@ async def test_cuts_in_continuous_speech_lose_and_double_no_word(
     # And the segments follow each other in time
     spans = [(s["start"], s["end"]) for s in doc["segments"]]
     assert all(a[1] <= b[0] + 1e-6 for a, b in itertools.pairwise(spans)), spans
+
+
+def test_a_segment_that_spans_a_silence_is_cut_there_on_the_source_clock() -> None:
+    # Given a segment (as the VAD filter makes them) holding the end of one passage at 183 s
+    # and the whole next one, a minute later, with each word timed on the source's clock
+    words = [TimedWord(183.1, 183.5, "for"), TimedWord(183.5, 184.2, "minutes."),
+             TimedWord(240.0, 240.6, "Yesterday,"), TimedWord(240.6, 241.0, "a"),
+             TimedWord(241.0, 241.9, "reporter.")]
+    joined = Segment(183.1, 241.9, "for minutes. Yesterday, a reporter.", -0.2, 0.1,
+                     tuple(words))
+    # When it is split at silences
+    split = split_at_silences(Transcript((joined,), "en", 300.0, "tiny.en"))
+    # Then each passage is a segment of its own, at its own time
+    assert [(s.start, s.end, s.text) for s in split.segments] == [
+        (183.1, 184.2, "for minutes."), (240.0, 241.9, "Yesterday, a reporter.")]
+    assert split.segments[1].avg_logprob == -0.2
+    # And a segment without such a gap, or without timed words, is left as it is
+    kept = Segment(10.0, 12.0, "Hello there.", words=(TimedWord(10.0, 10.5, "Hello"),
+                                                      TimedWord(10.6, 12.0, "there.")))
+    plain = Segment(20.0, 25.0, "No word times.")
+    assert split_at_silences(Transcript((kept, plain), "en", 30.0, "m")).segments == (
+        kept, plain)

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from difflib import SequenceMatcher
 
-from traxd.pipeline.formats import Segment, Transcript, merge
+from traxd.pipeline.formats import Segment, TimedWord, Transcript, merge
 
 MIN_MATCH = 2  # words in common that show where the two texts meet
 NEAR = 1.0  # seconds around the overlap whose words may take part (their times are guesses)
@@ -119,3 +119,36 @@ def merge_chunks(parts: Sequence[tuple[float, Transcript]], *, duration: float) 
         end = max(end, offset + part.duration)
     merged = merge(parts, duration=duration)
     return replace(merged, segments=tuple(segments))
+
+
+# --- segments that span a silence -----------------------------------------------------------
+
+WORD_GAP = 2.0  # seconds of silence between two timed words that end a segment
+UNSPACED = frozenset({"zh", "ja", "th", "lo", "km", "my", "yue"})  # words written without spaces
+
+
+def split_at_silences(transcript: Transcript, gap: float = WORD_GAP) -> Transcript:
+    """Segments cut where their timed words are `gap` seconds or more apart. With the VAD
+    filter, the model hears the speech with the silences between taken out, so one segment
+    may hold the end of one passage and the start of the next, a minute later; its words
+    keep their times on the source's clock, and so do the segments made from them."""
+    joiner = "" if (transcript.language or "") in UNSPACED else " "
+    segments: list[Segment] = []
+    for segment in transcript.segments:
+        runs = _runs(segment.words, gap)
+        if len(runs) < 2:
+            segments.append(segment)
+            continue
+        segments.extend(replace(segment, start=run[0].start, end=run[-1].end, words=tuple(run),
+                                text=joiner.join(w.word for w in run)) for run in runs)
+    return replace(transcript, segments=tuple(segments))
+
+
+def _runs(words: Sequence[TimedWord], gap: float) -> list[list[TimedWord]]:
+    runs: list[list[TimedWord]] = []
+    for word in words:
+        if runs and word.start - runs[-1][-1].end < gap:
+            runs[-1].append(word)
+        else:
+            runs.append([word])
+    return runs

@@ -47,7 +47,7 @@ from traxd.pipeline.formats import (
     write_warnings,
 )
 from traxd.pipeline.openai_api import OpenAIEndpoint, UnusableAnswer, excerpt
-from traxd.pipeline.stitch import merge_chunks
+from traxd.pipeline.stitch import merge_chunks, split_at_silences
 from traxd.pipeline.tasks import gather_all
 from traxd.pipeline.whisper_pool import WhisperPool, WorkerSpec, model_path
 
@@ -425,7 +425,8 @@ class TranscribeStep:
             backend.transcribe(chunk.path, dataclasses.replace(
                 ctx, progress=progress.reporter(index)), ctx.settings.transcribe)
             for index, chunk in enumerate(chunks))
-        return [(c.offset, fit(t, c.duration)) for c, t in zip(chunks, results, strict=True)]
+        return [(c.offset, fit(split_at_silences(t), c.duration))
+                for c, t in zip(chunks, results, strict=True)]
 
     def _publish(self, ctx: StepContext, transcript: Transcript, elapsed: float,
                  file_warnings: list[dict[str, str]]) -> StepResult:
