@@ -22,7 +22,7 @@ from traxd import metrics, reports, sdnotify
 from traxd.batcher import Batch, Batcher
 from traxd.config import Settings, load_settings
 from traxd.control import ControlServer
-from traxd.errors import AlreadyRunning, ConfigError, JournalError
+from traxd.errors import ConfigError, JournalError
 from traxd.executor import Executor, LocalExecutor
 from traxd.exporter import HttpServerHandle, parse_address, start_http
 from traxd.folders import create_folders, sweep_temporaries, why_not_a_folder
@@ -72,8 +72,6 @@ class Daemon:
     def _lock_state_dir(self) -> None:
         try:
             self.lock.acquire()
-        except AlreadyRunning:
-            raise
         except OSError as exc:
             state_dir = self.settings.daemon.state_dir
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):

@@ -87,24 +87,41 @@ def probe_batch(probes: Iterable[Probe], left: LeftLookup | None = None) -> list
     A file that cannot be moved is looked up with `left`: one that failed as it is is LEFT."""
     out: list[Seen] = []
     done: set[Key] = set()
+    left_alone = _LeftAlone(left) if left is not None else None
     for probe in probes:
         if (probe.inbox, probe.rel) in done:
             continue
         done.add((probe.inbox, probe.rel))
-        seen = _probe(probe, left)
+        seen = _probe(probe, left_alone)
         if seen is not None:
             out.append(seen)
             continue
         for rel in scan_folder(Path(probe.root), probe.rel):
             if (probe.inbox, rel) not in done:
                 done.add((probe.inbox, rel))
-                found = _probe(Probe(probe.inbox, probe.root, rel, None), left)
+                found = _probe(Probe(probe.inbox, probe.root, rel, None), left_alone)
                 if found is not None:
                     out.append(found)
     return out
 
 
-def _probe(probe: Probe, left: LeftLookup | None) -> Seen | None:
+class _LeftAlone:
+    """For one batch: whether a file failed as it is and cannot be moved. Each folder is
+    asked once whether it can be written; the journal only for files in those that cannot."""
+
+    def __init__(self, lookup: LeftLookup) -> None:
+        self.lookup = lookup
+        self.writable: dict[str, bool] = {}
+
+    def __call__(self, probe: Probe, path: str, info: os.stat_result) -> bool:
+        folder = path.rpartition(os.sep)[0]
+        if (writable := self.writable.get(folder)) is None:
+            writable = self.writable[folder] = movable(Path(path))
+        return not writable and self.lookup(probe.inbox, probe.rel, info.st_size,
+                                            info.st_mtime_ns)
+
+
+def _probe(probe: Probe, left: _LeftAlone | None) -> Seen | None:
     """What is at the path; None for a folder (to be scanned)."""
     if probe.claimed is not None and not os.path.lexists(probe.claimed):
         return Seen(probe.inbox, probe.rel, probe.claimed, Found.CLAIMED)  # checked first
@@ -116,10 +133,7 @@ def _probe(probe: Probe, left: LeftLookup | None) -> Seen | None:
     if stat.S_ISDIR(info.st_mode):
         return None
     if stat.S_ISREG(info.st_mode):
-        found = Found.FILE
-        if (left is not None and not movable(Path(path))
-                and left(probe.inbox, probe.rel, info.st_size, info.st_mtime_ns)):
-            found = Found.LEFT
+        found = Found.LEFT if left is not None and left(probe, path, info) else Found.FILE
         return Seen(probe.inbox, probe.rel, probe.claimed, found, info.st_size,
                     info.st_mtime_ns)
     why = describe_unprocessable(Path(path))

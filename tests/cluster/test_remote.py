@@ -8,6 +8,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import structlog.testing
 
 from tests.cluster.kit import RedisServer
 from traxd.cluster.protocol import Keys, encode_reply, message_key
@@ -109,9 +110,12 @@ async def test_a_restarted_daemon_waits_for_the_message_in_flight(
     await first.aclose()
     second = DramatiqExecutor(executor_settings, StepRegistry(executor_settings))
     try:
-        task = asyncio.create_task(run(second, req))
-        await until(lambda: req.job_id in {e.request.job_id for e in second.waiting.values()})
-        await asyncio.sleep(0.3)
+        with structlog.testing.capture_logs() as events:
+            task = asyncio.create_task(run(second, req))
+            await until(lambda: any(e["event"] in ("step_adopted", "step_sent")
+                                    for e in events))  # the restarted daemon has decided
+        assert [e["event"] for e in events if e["event"].startswith("step_")] == [
+            "step_adopted"]
         assert client.llen(KEYS.queue("traxd.cpu")) == 1  # adopted, not sent again
         reply = StepReply(artifacts={"a.txt": "/w/a.txt"})
         client.set(KEYS.reply(message_key(req)), encode_reply(message_key(req), "w:1", reply))

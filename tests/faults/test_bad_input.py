@@ -569,16 +569,22 @@ def tiny_outputs(short_root: Path) -> Iterator[Path]:
         yield outputs
 
 
+def copying_inbox_that_retries(root: Path) -> tuple[Box, Path, Path]:
+    """An inbox with a copy step whose publish is retried often and quickly: its box, the
+    step's ledger and the config."""
+    box, ledger = Box(root / "box").make(), root / "ledger"
+    config = write_config(root / "traxd.toml", base_daemon(
+        root, settle_seconds=0.1, batch_interval="0.1s", max_retries=50,
+        retry_backoff="0.2s", retry_backoff_max="0.5s"), [{
+            "name": "main", "path": str(box.inbox), "pipeline": [{"command": copy_step(ledger)}]}])
+    return box, ledger, config
+
+
 def test_a_disk_that_fills_while_outputs_are_written(short_root: Path, tiny_outputs: Path,
                                                      tally: Tally) -> None:
     # Given an inbox whose outputs/ folder has 64 KiB of room
     tally.bad_inputs.append("disk full while writing outputs")
-    box = Box(short_root / "box").make()
-    ledger = short_root / "ledger"
-    config = write_config(short_root / "traxd.toml", base_daemon(
-        short_root, settle_seconds=0.1, batch_interval="0.1s", max_retries=50,
-        retry_backoff="0.2s", retry_backoff_max="0.5s"), [{
-            "name": "main", "path": str(box.inbox), "pipeline": [{"command": copy_step(ledger)}]}])
+    box, ledger, config = copying_inbox_that_retries(short_root)
     big = hashlib.sha512(b"big").digest() * 3000  # 192 KB: cannot fit
     daemon = FaultDaemon(config, short_root / "log").start()
     tally.files_dropped += 1
@@ -770,12 +776,7 @@ def test_an_outputs_folder_on_a_read_only_mount_makes_jobs_wait_not_fail(
         short_root: Path, tiny_outputs: Path, tally: Tally) -> None:
     # Given an inbox whose outputs/ folder is a read-only mount
     tally.bad_inputs.append("read-only outputs mount")
-    box = Box(short_root / "box").make()
-    ledger = short_root / "ledger"
-    config = write_config(short_root / "traxd.toml", base_daemon(
-        short_root, settle_seconds=0.1, batch_interval="0.1s", max_retries=50,
-        retry_backoff="0.2s", retry_backoff_max="0.5s"), [{
-            "name": "main", "path": str(box.inbox), "pipeline": [{"command": copy_step(ledger)}]}])
+    box, ledger, config = copying_inbox_that_retries(short_root)
     subprocess.run(["mount", "-o", "remount,ro", str(tiny_outputs)], check=True)
     daemon = FaultDaemon(config, short_root / "log").start()
     tally.files_dropped += 1
