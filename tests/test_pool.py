@@ -10,7 +10,7 @@ from pathlib import Path
 
 from traxd.config import DaemonSettings
 from traxd.journal import Job, Journal
-from traxd.pool import AHEAD_PER_SLOT, Slot, WorkerPool
+from traxd.pool import AHEAD_PER_SLOT, CLAIM_HORIZON, MAX_AHEAD, Slot, Turnover, WorkerPool
 from traxd.throttle import Admission, Governor, MachineSampler, Sample
 
 ROOMY = Sample(available_mb=10_000, cpu_percent=0.0)
@@ -194,3 +194,51 @@ async def test_jobs_are_claimed_ahead_of_their_slot_but_no_further(tmp_path: Pat
         while len(claimed) < 10 or pool.running:
             await asyncio.sleep(0)
     server.cancel()
+
+
+def test_slow_steps_are_claimed_two_per_slot_ahead() -> None:
+    # Given slots granted twice a second (steps of seconds)
+    turnover = Turnover()
+    for n in range(2):
+        turnover.granted(100.0 + n * 0.5)
+    # Then the claims ahead stay at the floor per slot
+    assert turnover.ahead(slots=4, now=101.0) == 4 * AHEAD_PER_SLOT
+
+
+def test_quick_steps_are_claimed_a_horizon_ahead_within_the_cap() -> None:
+    # Given 4,000 slots granted in the last second (steps of a quarter millisecond)
+    turnover = Turnover()
+    for n in range(4000):
+        turnover.granted(100.0 + n / 4000)
+    # Then a horizon's worth is claimed ahead; 40,000 a second would still be capped
+    assert turnover.ahead(slots=16, now=101.0) == round(4000 * CLAIM_HORIZON)
+    for n in range(36_000):
+        turnover.granted(101.0 + n / 36_000)
+    assert turnover.ahead(slots=16, now=102.0) == MAX_AHEAD
+    # And a second later with no grants, the floor again
+    assert turnover.ahead(slots=16, now=103.5) == 16 * AHEAD_PER_SLOT
+
+
+async def test_quick_steps_are_claimed_in_batches_larger_than_the_slots(tmp_path: Path) -> None:
+    # Given 3,000 released jobs, 2 slots and steps that end at once
+    journal = released(tmp_path, [(f"f{n}", 0, 0) for n in range(3000)])
+    most_ahead = 0
+    done = 0
+
+    async def run(job: Job, slot: Slot) -> None:
+        nonlocal most_ahead, done
+        most_ahead = max(most_ahead, len(pool.ahead))
+        await asyncio.sleep(0)  # a claim takes a turn of the loop at the least
+        await slot.acquire()
+        slot.release()
+        done += 1
+
+    pool = pool_of(journal, run, 2)
+    server = asyncio.create_task(pool.serve())
+    async with asyncio.timeout(60):
+        while done < 3000:
+            await asyncio.sleep(0.01)
+    server.cancel()
+    # Then far more than two per slot were claimed ahead at some point, so that one claim
+    # batch (one commit, one fsync per folder) served many jobs
+    assert most_ahead > 10 * 2 * AHEAD_PER_SLOT

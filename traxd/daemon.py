@@ -281,7 +281,7 @@ class Daemon:
         while True:
             self.operations.beat()
             self.heap.look(self.journal.live_count())
-            self.governor.evaluate()
+            self.governor.evaluate(await asyncio.to_thread(self.governor.sample))
             self.pool.wake()
             await self._rewatch(await asyncio.to_thread(self.watchers.changed))
             if watchdog is not None and self.watchers.alive():

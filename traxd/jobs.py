@@ -303,8 +303,6 @@ class JobRunner:
 
     async def _run_step(self, job: Job, index: int, spec: StepSpec, state: PipelineState,
                         progress: Progress, log: FilteringBoundLogger) -> StepReply:
-        label = step_label(spec)
-
         def report(fraction: float) -> None:
             progress.fraction = max(0.0, min(1.0, fraction))
 
@@ -314,7 +312,7 @@ class JobRunner:
             media=state.media, facts=state.facts, artifacts=state.artifacts,
             job_dir=self._workdir(job.id), needs_workdir=self.executor.needs_workdir(spec),
             settings=self.settings, attempt=job.attempts)
-        reply = await self.executor.run(request, log=log.bind(step=label), progress=report)
+        reply = await self.executor.run(request, log=log, progress=report)  # it binds the step
         if reply.error is not None:
             raise reply.error.to_exception()
         return reply

@@ -13,10 +13,11 @@ reads run in a thread).
 
 from __future__ import annotations
 
-import dataclasses
 import fcntl
+import functools
 import itertools
 import json
+import operator
 import os
 import sqlite3
 import time
@@ -355,11 +356,10 @@ class Journal:
     def _apply(self, transition: Transition, job: Job, **changes: Any) -> Job:
         current = self._check(self._live.get(job.id), transition)
         state = transition.target or current.state
-        new = dataclasses.replace(current, state=state, updated=self.clock(), **changes)
-        columns = {"state": state, "updated": new.updated, **changes}
-        self.store.write(
-            f"UPDATE jobs SET {', '.join(f'{c} = ?' for c in columns)} WHERE id = ?",  # noqa: S608
-            (*(_column_value(v) for v in columns.values()), job.id))
+        columns = {"state": state, "updated": self.clock(), **changes}
+        new = _evolve(current, columns)
+        self.store.write(_update_sql(tuple(columns)),
+                         (*map(_column_value, columns.values()), job.id))
         requeued = transition.target is S.QUEUED
         self._drop(current, keep_entry=state is current.state and not requeued)
         if state.terminal:
@@ -395,6 +395,22 @@ class Journal:
         horizon = self.clock() - RECENT_WINDOW
         while self.recent and self.recent[0][0] < horizon:
             self.recent.popleft()
+
+
+_FIELDS = Job.__slots__
+_values_of = operator.attrgetter(*_FIELDS)
+
+
+def _evolve(job: Job, changes: dict[str, Any]) -> Job:
+    """`dataclasses.replace`, at half its cost (it runs on every transition)."""
+    values = dict(zip(_FIELDS, _values_of(job), strict=True))
+    values.update(changes)
+    return Job(**values)
+
+
+@functools.cache
+def _update_sql(columns: tuple[str, ...]) -> str:
+    return f"UPDATE jobs SET {', '.join(f'{c} = ?' for c in columns)} WHERE id = ?"  # noqa: S608
 
 
 def _column_value(value: Any) -> Any:

@@ -11,7 +11,9 @@ import queue
 import re
 import sys
 import threading
-from collections.abc import Iterable, Mapping, MutableMapping
+import time
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -26,6 +28,8 @@ REDACTED = "[redacted]"
 CREDENTIAL_NAMES = re.compile(
     r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH|COOKIE|SESSION|PRIVATE|_PAT$|DSN$", re.IGNORECASE)
 SHORTEST_SECRET = 8  # shorter values (SESSION_ID=3) are not worth hiding and would mangle text
+Event = MutableMapping[str, Any]
+Processor = Callable[[Any, str, Event], Any]
 
 
 def redact_text(text: str) -> str:
@@ -86,16 +90,23 @@ def wants_json(log_format: str, stream: TextIO) -> bool:
 
 
 class LogWriter:
-    """Log lines written out by a thread of their own, so that a slow disk or pipe never
-    holds up the event loop: `write` only queues. Lines queued together go out together;
-    everything queued is written before the process exits normally."""
+    """Log events rendered and written out by a thread of their own, so that rendering and a
+    slow disk or pipe never hold up the event loop: the caller only stamps the event and
+    queues it. Events queued together go out together; everything queued is written before
+    the process exits normally. It is structlog's logger: every level method queues."""
 
-    def __init__(self, stream: TextIO) -> None:
+    def __init__(self, stream: TextIO, render: Sequence[Processor] = ()) -> None:
         self._stream = stream
-        self._lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._render = tuple(render)
+        self._lines: queue.SimpleQueue[Event | str | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
         self._thread.start()
         atexit.register(self.close)
+
+    def msg(self, event: Event | str) -> None:
+        self._lines.put(event)
+
+    debug = info = warning = warn = error = critical = exception = fatal = msg
 
     def write(self, text: str) -> None:
         self._lines.put(text)
@@ -111,10 +122,21 @@ class LogWriter:
                 while group[-1] is not None and len(group) < 1000:
                     group.append(self._lines.get_nowait())
             done = group[-1] is None
-            text = "".join(line for line in group if line is not None)
+            text = "".join(self._line(item) for item in group if item is not None)
             with contextlib.suppress(OSError, ValueError):  # a closed or broken stream
                 self._stream.write(text)
                 self._stream.flush()
+
+    def _line(self, item: Event | str) -> str:
+        if isinstance(item, str):
+            return item
+        rendered: Any = item
+        try:
+            for processor in self._render:
+                rendered = processor(None, "", rendered)
+        except Exception as exc:  # a line that cannot be rendered still says what it was
+            rendered = f"log_render_failed event={item.get('event')!r} error={exc!r}"
+        return f"{rendered}\n"
 
     def close(self) -> None:
         if self._thread.is_alive():
@@ -122,22 +144,41 @@ class LogWriter:
             self._thread.join(timeout=5)
 
 
+def _stamp(_: Any, __: str, event: Event) -> Event:
+    """The time the event happened, taken on the caller's thread, rendered later."""
+    event["timestamp"] = time.time()
+    return event
+
+
+def _iso_time(_: Any, __: str, event: Event) -> Event:
+    when = event.get("timestamp")
+    if isinstance(when, float):
+        event["timestamp"] = datetime.fromtimestamp(when, UTC).isoformat().replace("+00:00", "Z")
+    return event
+
+
+def _hand_over(_: Any, __: str, event: Event) -> tuple[tuple[Event], dict[str, Any]]:
+    """structlog's last processor: the event itself goes to the writer, unrendered."""
+    return (event,), {}
+
+
 def configure(log_format: str = "auto", level: str = "info", stream: TextIO | None = None,
               redactor: Redactor | None = None) -> None:
     out = stream or sys.stderr
     renderer: Any = (structlog.processors.JSONRenderer() if wants_json(log_format, out)
                      else structlog.dev.ConsoleRenderer(colors=out.isatty()))
+    # What must be taken where the event happens (its time, the exception being handled)
+    # is taken there; redaction and rendering happen in the writer's thread.
+    writer = LogWriter(out, render=[_iso_time, redactor or Redactor.of_environment(), renderer])
     structlog.configure(
         processors=[
-            structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _stamp,
             structlog.processors.format_exc_info,
-            redactor or Redactor.of_environment(),
-            renderer,
+            _hand_over,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.WriteLoggerFactory(LogWriter(out)),  # type: ignore[arg-type]
+        logger_factory=lambda *_: writer,
         cache_logger_on_first_use=False,
     )
 

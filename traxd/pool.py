@@ -2,15 +2,20 @@
 
 The order is the ready set's (inbox priority, then largest first); the pool keeps no queue
 of its own. A job holds a slot while its steps run. Its claim happens just before, while
-the previous job still holds the slot (at most AHEAD_PER_SLOT jobs per slot are claimed
-ahead), and moving its files into place afterwards does not hold one: both are batched
-bookkeeping, not work. At most `governor` allows hold slots at once, fewer while it holds
-admission. One job's failure or hang never touches another: each runs in its own task.
+the previous job still holds the slot, and moving its files into place afterwards does not
+hold one: both are batched bookkeeping, not work. How far ahead jobs are claimed follows
+how fast slots turn over (`Turnover`): AHEAD_PER_SLOT per slot for steps of seconds or
+more, enough to cover CLAIM_HORIZON of work for steps of milliseconds, so that a claim batch
+(one commit, one fsync per folder) serves many jobs. At most `governor` allows hold slots
+at once, fewer while it holds admission. One job's failure or hang never touches another:
+each runs in its own task.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 from collections import deque
 from collections.abc import Callable, Collection, Coroutine
 from typing import Any
@@ -20,7 +25,36 @@ from traxd.logs import get_logger
 from traxd.throttle import Governor
 
 OpenInboxes = Callable[[], Collection[str]]
-AHEAD_PER_SLOT = 2  # jobs claimed ahead per slot: a claim takes about as long as a short step
+AHEAD_PER_SLOT = 2  # jobs claimed ahead per slot, at the least
+CLAIM_HORIZON = 0.25  # seconds of work claimed ahead when steps are short
+MAX_AHEAD = 2000  # a claim batch's most (the coalescer's batch size)
+
+
+class Turnover:
+    """How many slots are granted per second, over the last `window` seconds: the pool
+    claims ahead what that rate uses up in CLAIM_HORIZON. Pure: the clock is passed in."""
+
+    def __init__(self, window: float = 1.0) -> None:
+        self._window = window
+        self._grants: deque[float] = deque()
+
+    def granted(self, now: float) -> None:
+        self._grants.append(now)
+        self._trim(now)
+
+    def rate(self, now: float) -> float:
+        self._trim(now)
+        return len(self._grants) / self._window
+
+    def ahead(self, slots: int, now: float) -> int:
+        """How many jobs to hold claimed ahead of `slots` slots."""
+        wanted = math.ceil(self.rate(now) * CLAIM_HORIZON)
+        return min(MAX_AHEAD, max(AHEAD_PER_SLOT * slots, wanted))
+
+    def _trim(self, now: float) -> None:
+        horizon = now - self._window
+        while self._grants and self._grants[0] < horizon:
+            self._grants.popleft()
 
 
 class Slot:
@@ -41,7 +75,7 @@ JobFn = Callable[[Job, Slot], Coroutine[Any, Any, None]]
 
 class WorkerPool:
     def __init__(self, journal: Journal, run: JobFn, governor: Governor,
-                 open_inboxes: OpenInboxes) -> None:
+                 open_inboxes: OpenInboxes, clock: Callable[[], float] = time.monotonic) -> None:
         self._journal = journal
         self._run = run
         self._governor = governor
@@ -52,6 +86,8 @@ class WorkerPool:
         self.ahead: set[int] = set()  # jobs started that do not hold a slot yet
         self._waiting: deque[tuple[int, asyncio.Future[None]]] = deque()
         self.accepting = True
+        self._clock = clock
+        self.turnover = Turnover()
         self._log = get_logger(component="pool")
 
     def wake(self) -> None:
@@ -67,7 +103,8 @@ class WorkerPool:
             self._fill()
 
     def _fill(self) -> None:
-        room = AHEAD_PER_SLOT * self._governor.current.allowed - len(self.ahead)
+        slots = self._governor.current.allowed
+        room = self.turnover.ahead(slots, self._clock()) - len(self.ahead)
         if not self.accepting or room <= 0:
             return
         inboxes = self._open_inboxes()
@@ -97,6 +134,7 @@ class WorkerPool:
                 continue
             self.ahead.discard(job_id)
             self.busy.add(job_id)
+            self.turnover.granted(self._clock())
             future.set_result(None)
             self._wake.set()  # one more may be claimed ahead
 

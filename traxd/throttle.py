@@ -82,8 +82,12 @@ class Governor:
         self._sampler = sampler or MachineSampler()
         self.current = Admission(self.cap, memory_short=False, cpu_busy=False)
 
-    def evaluate(self) -> Admission:
-        sample = self._sampler()
+    def sample(self) -> Sample:
+        """The machine now (reads /proc: the daemon calls it in a thread)."""
+        return self._sampler()
+
+    def evaluate(self, sample: Sample | None = None) -> Admission:
+        sample = sample or self._sampler()
         memory_short = sample.available_mb < self.reserve_mb
         cpu_busy = sample.cpu_percent > self.cpu_limit
         allowed = self.current.allowed

@@ -126,7 +126,8 @@ class DramatiqExecutor:
         key = message_key(request)
         queue = queue_name(self.cluster.queue,
                            resource_of(request.step, self.settings.for_inbox(request.inbox)))
-        entry = InFlight(request, key, queue, log.bind(key=key, queue=queue), progress,
+        entry = InFlight(request, key, queue, log.bind(step=request.label, key=key, queue=queue),
+                         progress,
                          asyncio.get_running_loop().create_future())
         if request.workdir is not None:  # the worker makes its folder inside the job's
             await asyncio.to_thread(Path(request.workdir).parent.mkdir, parents=True,
