@@ -81,7 +81,13 @@ A re-run skips the files already done; failures are listed in OUTPUT/failed.json
     "retry": """examples:
   traxd retry                 every failed file
   traxd retry talk.mp3        one failed file, by name or inbox-relative path""",
-    "doctor": "examples:\n  traxd doctor\n  traxd doctor --config /etc/traxd/traxd.toml",
+    "doctor": """examples:
+  traxd doctor
+  traxd doctor --config /etc/traxd/traxd.toml
+
+With a daemon running for this user (or the one of --config), it also asks that daemon
+which API keys it has and from where, beside this shell's view: a daemon started by systemd
+or launchd does not see the variables exported in this shell.""",
     "init": """examples:
   traxd init
   traxd init --demo ./demo        a demo with its own inbox, no API key needed""",
@@ -159,7 +165,8 @@ def _control_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 
 def _setup_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    doctor = _command(sub, "doctor", cmd_doctor, "check ffmpeg, models, keys, folders, limits")
+    doctor = _command(sub, "doctor", cmd_doctor, "check ffmpeg, models, keys (this shell's and "
+                      "the running daemon's), folders, limits")
     _config_option(doctor)
 
     init = _command(sub, "init", cmd_init, "write a commented config and the folders")
@@ -389,14 +396,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from traxd.doctor import run_doctor
+    from traxd.doctor import ask_daemon, run_doctor
 
     try:
         settings: Settings | None = load_settings(args.config)
     except ConfigError as exc:
         print(f"config: {exc}", file=sys.stderr)
         settings = None
-    return run_doctor(settings, Console())
+    return run_doctor(settings, Console(), ask_daemon(args.config, settings))
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

@@ -1,8 +1,9 @@
 """What the control socket and the HTTP side may ask of a running daemon: the control
-verbs (pause, resume, drain, retry), the typed status, and health.
+verbs (pause, resume, drain, retry, keys), the typed status, and health.
 
 Everything here runs on the event loop and reads memory only (the journal's live jobs and
-counters); the one verb that needs history (`retry`) reads it in a thread.
+counters); the verbs that read files (`retry` the history, `keys` the key files) do so
+in a thread.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from traxd import __version__
+from traxd import __version__, keys
 from traxd.config import Settings
 from traxd.folders import move, sidecar_path, unique_path
 from traxd.gates import InboxGates
@@ -86,6 +87,12 @@ class Operations:
         retried = [job.rel_path for job in moved]
         self._log.info("retry", files=retried)
         return {"retried": retried}
+
+    async def keys(self) -> dict[str, Any]:
+        """Whether this process has each API key its pipelines need, and from where (the
+        key files are read now, in a thread); never a key."""
+        return await asyncio.to_thread(keys.report, self.settings,
+                                       dict(self.parts.backends.paused))
 
     def _unfail_all(self, jobs: list[Job]) -> list[Job]:
         moved = []
