@@ -20,7 +20,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.faults.kit import ffmpeg
 from tests.helpers import base_daemon, copy_step, files_under, wait_until, write_config
+from tests.media.openai_server import FakeOpenAI
 from traxd.cli import build_parser
 from traxd.config import load_settings
 
@@ -78,6 +80,46 @@ def test_batch_processes_in_place_lists_failures_and_resumes(tmp_path: Path) -> 
     assert sorted(ledger.read_text().split()) == ["a.mp3", "b.mp3", "bad.mp3", "c.mp3"]
     assert (outputs / "bad.txt").read_bytes() == b"fixed"
     assert (outputs / "failed.jsonl").read_text() == ""
+
+
+def test_a_missing_enhancement_key_is_a_warning_in_batch_mode(tmp_path: Path) -> None:
+    # Given a folder of two recordings, a transcription server, and no enhancement key
+    folder = tmp_path / "talks"
+    folder.mkdir()
+    for name in ("a.wav", "b.wav"):
+        ffmpeg("-f", "lavfi", "-i", "sine=frequency=440:duration=1", str(folder / name))
+    with FakeOpenAI().running() as server:
+        config = write_config(
+            tmp_path / "c.toml", {"state_dir": str(tmp_path / "state")},
+            [{"name": "x", "path": str(tmp_path / "unused" / "inbox"),
+              "pipeline": ["preprocess", "transcribe", "enhance"]}],
+            transcribe={"backend": "openai", "base_url": server.base_url,
+                        "api_key_env": "TRAXD_TEST_BATCH_TRANSCRIBE_KEY"},
+            enhance={"base_url": server.base_url,
+                     "api_key_env": "TRAXD_TEST_BATCH_ENHANCE_KEY"})
+        env = {**os.environ, "TRAXD_TEST_BATCH_TRANSCRIBE_KEY": "sk-test-" + "t" * 24,
+               "COLUMNS": "200"}
+        env.pop("TRAXD_TEST_BATCH_ENHANCE_KEY", None)
+        # When the folder is processed
+        result = subprocess.run([sys.executable, "-m", "traxd", "batch", str(folder),
+                                 "--config", str(config)], capture_output=True, text=True,
+                                timeout=120, env=env, check=False)
+        paths = server.paths()
+    # Then both files are done with their transcripts, none failed, and it warns
+    assert result.returncode == 0, result.stdout + result.stderr
+    outputs = tmp_path / "talks.transcripts"
+    assert {"a.txt", "a.warnings.json", "b.txt", "b.warnings.json"} <= set(
+        files_under(outputs))
+    assert (outputs / "failed.jsonl").read_text() == ""
+    assert "warning: enhance has no API key (TRAXD_TEST_BATCH_ENHANCE_KEY: not set)" \
+        in result.stdout
+    assert "warning: enhance did not run for 2 files (no API key for 127.0.0.1)" \
+        in result.stdout
+    assert '"backend_paused"' not in result.stdout  # no one resumes a batch
+    assert all(path.endswith("/audio/transcriptions") for path in paths), paths
+    report = json.loads((outputs / "report.json").read_text())
+    assert (report["done"], report["failed"]) == (2, 0), report
+    assert [w["step"] for w in report["warnings"]] == ["enhance", "enhance"]
 
 
 def test_two_folders_in_one_parent_never_share_outputs(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from tests.faults.kit import ffmpeg
 from tests.helpers import (
     DaemonProcess,
     base_daemon,
@@ -23,6 +24,7 @@ from tests.helpers import (
     wait_until,
     write_config,
 )
+from tests.media.openai_server import FakeOpenAI
 
 pytestmark = pytest.mark.integration
 
@@ -231,3 +233,47 @@ def test_a_job_put_back_after_a_step_counts_as_resumed_at_the_next_start(tmp_pat
                      if '"recovered"' in line]
     # Then the job that goes on from its finished step is counted
     assert [r["resumed"] for r in recovered] == [1], recovered
+
+
+def test_a_transcript_is_out_while_its_enhancement_waits_for_a_key(tmp_path: Path) -> None:
+    # Given a daemon that transcribes and enhances, its enhance key named as a file that is
+    # not written yet
+    root, key_file = tmp_path / "box", tmp_path / "deepseek.key"
+    (root / "inbox").mkdir(parents=True)
+    with FakeOpenAI().running() as server:
+        config = write_config(
+            tmp_path / "traxd.toml", base_daemon(tmp_path),
+            [{"name": "talks", "path": str(root / "inbox"),
+              "pipeline": ["preprocess", "transcribe", "enhance"]}],
+            transcribe={"backend": "openai", "base_url": server.base_url,
+                        "api_key_env": "TRAXD_TEST_WAIT_TRANSCRIBE_KEY"},
+            enhance={"base_url": server.base_url, "api_key_file": str(key_file)})
+        daemon = DaemonProcess(config, tmp_path / "log", env={
+            "TRAXD_TEST_WAIT_TRANSCRIBE_KEY": "sk-test-" + "t" * 24})
+        with contextlib.ExitStack() as stack:
+            stack.callback(daemon.stop)
+            daemon.start()
+            # When a recording arrives
+            ffmpeg("-f", "lavfi", "-i", "sine=frequency=440:duration=1",
+                   str(tmp_path / "tone.wav"))
+            os.replace(tmp_path / "tone.wav", root / "inbox" / "tone.wav")
+            # Then its transcript is published while the file waits for the key
+            inbox = wait_until(lambda: (s := status(config)["inboxes"][0])["waiting"] and s,
+                               30, message="the job waiting for the enhance key")
+            assert files_under(root / "outputs") == ["tone.json", "tone.srt", "tone.txt",
+                                                     "tone.vtt"]
+            assert (inbox["done"], files_under(root / "done")) == (0, [])
+            assert files_under(root / "processing") == ["tone.wav"]
+            assert str(key_file) in status(config)["backends_paused"]["enhance"]
+            # When the key is put in the file and the daemon resumed
+            key_file.write_text("sk-test-" + "e" * 24 + "\n")
+            resumed = traxd(config, "resume")
+            assert resumed.returncode == 0, resumed.stderr
+            assert "and the enhance backend" in resumed.stdout
+            # Then the enhanced text joins the transcript, and nothing is published twice
+            wait_until(lambda: files_under(root / "done") == ["tone.wav"], 30,
+                       message="the job done after resume")
+        chats = [r for r in server.requests if r.path.endswith("/chat/completions")]
+    assert files_under(root / "outputs") == ["tone.enhanced.md", "tone.json", "tone.srt",
+                                             "tone.txt", "tone.vtt"]
+    assert [r.headers["authorization"] for r in chats] == ["Bearer sk-test-" + "e" * 24]

@@ -31,8 +31,9 @@ from traxd.config import InboxSettings, Settings, StepSpec
 from traxd.executor import LocalExecutor
 from traxd.folders import InboxFolders, scan, why_not_a_folder, write_atomic
 from traxd.intake import sha256_file
-from traxd.jobs import BackendGate, JobEnd, JobRunner, Outcome
+from traxd.jobs import OPTIONAL_STEPS, BackendGate, JobEnd, JobRunner, Outcome
 from traxd.journal import Job, JobState, Journal
+from traxd.keys import key_state, needed_keys
 from traxd.moves import InPlaceMover
 from traxd.pipeline.registry import StepRegistry
 from traxd.pipeline.ytdlp import is_link_list
@@ -123,6 +124,7 @@ class BatchRun:
         executor = LocalExecutor(self.settings, StepRegistry(self.settings))
         self.runner = JobRunner(self.settings, self.journal, executor, BackendGate(),
                                 InPlaceMover({}))
+        self.runner.optional_waits = False  # no one resumes: done without it, with a warning
         self.runner.folders[BATCH_INBOX] = InboxFolders(root, root, root, output, output)
         self.tally = Tally()
         self.ends: list[JobEnd] = []  # for the report (traxd.reports)
@@ -163,6 +165,8 @@ class BatchRun:
         self.console.print(f"traxd batch: {len(jobs)} to do in {self.root}{done_before}\n"
                            f"outputs: {self.output}", markup=False, highlight=False,
                            soft_wrap=True)
+        for warning in missing_optional_keys(self.settings):
+            self.console.print(f"[yellow]warning:[/yellow] {escape(warning)}", soft_wrap=True)
         try:
             await self._run_all(jobs)
         except asyncio.CancelledError:  # Ctrl-C: what finished is kept, the rest resumes
@@ -229,6 +233,10 @@ class BatchRun:
                                soft_wrap=True)
         for rel, why in sorted(self.tally.not_media.items()):
             self.console.print(f"skipped {escape(rel)}: {escape(why)}", soft_wrap=True)
+        for (step, why), count in sorted(optional_steps_not_run(self.ends).items()):
+            self.console.print(f"[yellow]warning:[/yellow] {step} did not run for {count} "
+                               f"file{'s' if count > 1 else ''} ({escape(why)}): done without "
+                               "it, each with <stem>.warnings.json", soft_wrap=True)
         self.console.print(f"outputs: {self.output}", markup=False, highlight=False,
                            soft_wrap=True)
 
@@ -245,6 +253,30 @@ class BatchRun:
         lines = [json.dumps({"file": j.rel_path, **(j.error or {})}, ensure_ascii=False)
                  for j in failed if j.state is JobState.FAILED or j.error]
         write_atomic(self.output / "failed.jsonl", "".join(f"{line}\n" for line in lines).encode())
+
+
+def missing_optional_keys(settings: Settings) -> list[str]:
+    """What to say before work starts about optional steps that will find no API key."""
+    said = []
+    for need in needed_keys(settings):
+        state = key_state(need)
+        if need.use in OPTIONAL_STEPS and not state.present:
+            said.append(f"{need.use} has no API key ({need.where}: {state.problem}): the "
+                        f"files are done without {need.use}")
+    return said
+
+
+def optional_steps_not_run(ends: list[JobEnd]) -> dict[tuple[str, str], int]:
+    """(step, why) -> files done without that optional step because its backend was
+    paused (a missing or refused key); why: the head of the message ("no API key for
+    api.deepseek.com", "api.deepseek.com answered 401"), the rest is in the warnings file."""
+    counts: dict[tuple[str, str], int] = {}
+    for end in ends:
+        for warning in end.warnings:
+            if warning.get("step") in OPTIONAL_STEPS and warning.get("category") == "fatal":
+                key = (str(warning["step"]), str(warning.get("message", "")).split(": ")[0])
+                counts[key] = counts.get(key, 0) + 1
+    return counts
 
 
 class RateColumn(ProgressColumn):

@@ -30,10 +30,11 @@ from traxd.logs import Redactor, get_logger
 from traxd.moves import SPAWN_PREFIX, Ending, Mover
 from traxd.pipeline.base import RECORD_WHEN_DONE, JobInfo
 from traxd.pipeline.formats import WARNINGS_FACT
-from traxd.pipeline.registry import step_label
+from traxd.pipeline.registry import backend_of, step_label
 from traxd.stages import ClaimStage, FinishStage
 
-# Steps whose failure is a warning on the file, not its failure: what came before is kept.
+# Steps whose failure is a warning on the file, not its failure: what came before is kept;
+# while such a step waits for its paused backend, what came before is published already.
 OPTIONAL_STEPS = frozenset({"enhance"})
 
 
@@ -179,6 +180,9 @@ class JobRunner:
         self.finishes = FinishStage(journal, self.mover, sidecar)
         self.progress: dict[int, Progress] = {}
         self.on_end: Callable[[JobEnd], None] = _no_listener  # reports, notifications
+        # An optional step whose backend is paused: the job waits for `traxd resume` (a
+        # daemon), or is done without it, with a warning (`traxd batch`: no one resumes).
+        self.optional_waits = True
 
     def configure(self, settings: Settings) -> None:
         self.settings = settings
@@ -294,12 +298,22 @@ class JobRunner:
                 break
             spec = pipeline[index]
             progress.step, progress.fraction = step_label(spec), 0.0
+            self._check_backend(job, spec)
             state.merge(await self._run_step(job, index, spec, state, progress, log))
             if checkpoints:
                 await asyncio.to_thread(self._save_state, job, state)
                 job = self.journal.step_done(job, index + 1)
                 self.executor.recorded(job.id, index + 1)
         return state or PipelineState()
+
+    def _check_backend(self, job: Job, spec: StepSpec) -> None:
+        """An optional step whose backend is paused is not tried: it would fail the same
+        way (another request with a wrong key); its job waits, its outputs so far out."""
+        if spec not in OPTIONAL_STEPS:
+            return
+        backend = backend_of(spec, self.settings.for_inbox(job.inbox))
+        if backend is not None and (why := self.gate.paused.get(backend)) is not None:
+            raise BackendFatal(why, backend=backend, reason="backend_paused")
 
     async def _run_step(self, job: Job, index: int, spec: StepSpec, state: PipelineState,
                         progress: Progress, log: FilteringBoundLogger) -> StepReply:
@@ -367,10 +381,7 @@ class JobRunner:
         category = classify_exception(exc)
         info = error_info(job, exc, category, step, self.clock(), self.redactor)
         if isinstance(exc, BackendFatal) and job.state is JobState.RUNNING:
-            self.gate.pause(exc.backend, info["message"])
-            self.journal.hold(job, exc.backend, info)
-            log.error("backend_paused", backend=exc.backend, step=step, error=info["message"])
-            return Outcome.WAITING
+            return await self._wait_for_backend(job, exc, info, step, log)
         if category is Category.INTERNAL:
             metrics.INTERNAL_ERRORS.labels(step=step).inc()
         retryable = category in (Category.RETRY, Category.INTERNAL)
@@ -383,6 +394,39 @@ class JobRunner:
                                                    workdir=self._workdir(job.id)))
         self._ended(failed, Outcome.FAILED)
         return Outcome.FAILED
+
+    async def _wait_for_backend(self, job: Job, exc: BackendFatal, info: dict[str, Any],
+                                step: str, log: FilteringBoundLogger) -> Outcome:
+        """The backend is paused and the job waits for it; before an optional step, what
+        the steps before made is published now (or, with no one to resume, the file is done
+        without the step, with a warning)."""
+        first = exc.backend not in self.gate.paused
+        self.gate.pause(exc.backend, info["message"])
+        optional = step in OPTIONAL_STEPS
+        if optional and not self.optional_waits and (
+                kept := await self._publish_without(job, info, log)):
+            return kept
+        if first:
+            log.error("backend_paused", backend=exc.backend, step=step, error=info["message"])
+        if optional and self.optional_waits:
+            await self._publish_so_far(job, step, log)
+        self.journal.hold(self.journal.get(job.id), exc.backend, info)
+        log.info("job_waiting", backend=exc.backend, step=step)
+        return Outcome.WAITING
+
+    async def _publish_so_far(self, job: Job, step: str, log: FilteringBoundLogger) -> None:
+        """Put the outputs of the steps done into outputs/ while `step` waits; the final
+        publish adds what the rest make. A failure here only leaves them for the end."""
+        state = await asyncio.to_thread(self._load_state, job) if job.step else None
+        if state is None or not state.artifacts:
+            return
+        try:
+            await self.finishes.finish(Ending(job, JobState.DONE, None, state.artifacts,
+                                              workdir=self._workdir(job.id), partial=True))
+        except (OSError, KeyError) as exc:
+            log.warning("publish_before_wait_failed", error=str(exc), waiting_for=step)
+            return
+        log.info("outputs_published", waiting_for=step, outputs=sorted(state.artifacts))
 
     def _ended(self, job: Job, outcome: Outcome, facts: Mapping[str, Any] | None = None,
                warning: dict[str, Any] | None = None) -> None:
