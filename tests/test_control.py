@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -24,7 +25,7 @@ from tests.helpers import (
     wait_until,
     write_config,
 )
-from tests.media.openai_server import FakeOpenAI
+from tests.media.openai_server import FakeOpenAI, Reply, Request, verbose_json
 
 pytestmark = pytest.mark.integration
 
@@ -61,6 +62,7 @@ def test_status_shows_a_running_job_and_the_queue(tmp_path: Path) -> None:
         assert inbox["running"][0]["step"] == "command"
         assert inbox["running"][0]["file"] in ("a.mp3", "b.mp3", "c.mp3")
         assert inbox["queued"] + len(inbox["running"]) + inbox["done"] == 3
+        assert inbox["eta_basis"] == "files"  # a command step measures no duration
         text = traxd(config, "status")
         assert text.returncode == 0
         assert "main" in text.stdout
@@ -277,3 +279,41 @@ def test_a_transcript_is_out_while_its_enhancement_waits_for_a_key(tmp_path: Pat
     assert files_under(root / "outputs") == ["tone.enhanced.md", "tone.json", "tone.srt",
                                              "tone.txt", "tone.vtt"]
     assert [r.headers["authorization"] for r in chats] == ["Bearer sk-test-" + "e" * 24]
+
+
+def test_status_counts_the_eta_in_media_seconds_once_durations_are_known(
+        tmp_path: Path) -> None:
+    # Given a daemon that transcribes one file at a time, slowly after the first
+    root = tmp_path / "box"
+    (root / "inbox").mkdir(parents=True)
+    with FakeOpenAI().running() as server:
+        answered: list[int] = []
+
+        def slow_after_the_first(request: Request) -> Reply:
+            answered.append(1)
+            reply = verbose_json(request)
+            return reply if len(answered) == 1 else dataclasses.replace(reply, pause=2.0)
+
+        server.transcribe = slow_after_the_first
+        config = write_config(
+            tmp_path / "traxd.toml", base_daemon(tmp_path, workers=1),
+            [{"name": "talks", "path": str(root / "inbox"),
+              "pipeline": ["preprocess", "transcribe"]}],
+            transcribe={"backend": "openai", "base_url": server.base_url,
+                        "api_key_env": "TRAXD_TEST_ETA_KEY"})
+        with running_daemon(config, tmp_path / "log", env={
+                "TRAXD_TEST_ETA_KEY": "sk-test-" + "t" * 24}):
+            for name, pitch in (("a", 440), ("b", 550), ("c", 660)):  # not duplicates
+                ffmpeg("-f", "lavfi", "-i", f"sine=frequency={pitch}:duration=1",
+                       str(tmp_path / f"{name}.wav"))
+            os.replace(tmp_path / "a.wav", root / "inbox" / "a.wav")
+            wait_until(lambda: files_under(root / "done") == ["a.wav"], 30, message="a done")
+            # When two more arrive while the first's duration is known
+            for name in ("b", "c"):
+                os.replace(tmp_path / f"{name}.wav", root / "inbox" / f"{name}.wav")
+            # Then, once one of them is transcribing, the ETA counts media seconds
+            inbox = wait_until(lambda: (s := status(config)["inboxes"][0])["running"]
+                               and s["running"][0]["step"] == "transcribe" and s, 30,
+                               message="b or c transcribing")
+            assert inbox["eta_basis"] == "media", inbox
+            assert inbox["eta_seconds"] is not None and inbox["eta_seconds"] > 0

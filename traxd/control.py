@@ -79,6 +79,7 @@ class InboxStatus(TypedDict):
     failed: int
     rate_per_hour: float  # jobs finished per hour over the last hour
     eta_seconds: float | None  # until queued + running are done at that rate; None: unknown
+    eta_basis: NotRequired[str]  # "media": media seconds left at media seconds/s; "files"
     schedule: str  # "always" or the cron window
     next_window: str | None  # ISO 8601: when the window is next open (now when open)
     waiting: NotRequired[int]  # held for a paused backend

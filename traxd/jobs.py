@@ -23,6 +23,7 @@ from structlog.typing import FilteringBoundLogger
 from traxd import metrics
 from traxd.config import Settings, StepSpec
 from traxd.errors import BackendFatal, Category, Retry, classify_exception, compute_backoff
+from traxd.eta import Throughput
 from traxd.executor import Executor, StepReply, build_request
 from traxd.folders import InboxFolders, append_lines, write_atomic
 from traxd.journal import Job, JobState, Journal
@@ -102,6 +103,7 @@ class Progress:
     fraction: float = 0.0
     started: float = field(default_factory=time.time)
     working: bool = False  # holds a worker slot: its steps run (claimed ahead until then)
+    media_seconds: float | None = None  # the file's duration, once a step measured it
 
 
 @dataclass
@@ -158,6 +160,11 @@ class JobEnd:
                    _count(facts.get("segments")), _count(facts.get("quality_warnings")))
 
 
+def _seconds(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) \
+        else None
+
+
 def _count(value: object) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
@@ -179,6 +186,7 @@ class JobRunner:
         self.claims = ClaimStage(journal, self.mover)
         self.finishes = FinishStage(journal, self.mover, sidecar)
         self.progress: dict[int, Progress] = {}
+        self.throughput: dict[str, Throughput] = {}  # per inbox, for the ETA in status
         self.on_end: Callable[[JobEnd], None] = _no_listener  # reports, notifications
         # An optional step whose backend is paused: the job waits for `traxd resume` (a
         # daemon), or is done without it, with a warning (`traxd batch`: no one resumes).
@@ -298,6 +306,7 @@ class JobRunner:
                 break
             spec = pipeline[index]
             progress.step, progress.fraction = step_label(spec), 0.0
+            progress.media_seconds = _seconds(state.facts.get("duration"))
             self._check_backend(job, spec)
             state.merge(await self._run_step(job, index, spec, state, progress, log))
             if checkpoints:
@@ -433,6 +442,9 @@ class JobRunner:
         end = JobEnd.of(job, outcome, self.clock(), facts)
         if warning is not None:
             end = dataclasses.replace(end, warnings=(*end.warnings, warning))
+        if outcome is Outcome.DONE:
+            self.throughput.setdefault(job.inbox, Throughput(self.clock)).finished(
+                end.media_seconds)
         try:
             self.on_end(end)
         except Exception:  # a listener's bug never fails a finished job
