@@ -157,7 +157,9 @@ def _control_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
                        help="failed files by name or inbox-relative path (default: all)")
 
     report = _command(sub, "report", cmd_report, "a batch's report: counts, steps, failures")
-    _config_option(report)
+    report.add_argument("--config", "-c", type=Path, help="the config whose state_dir holds the "
+                        "reports (default: $TRAXD_CONFIG, else the daemon running for this user, "
+                        "else the user and system config)")
     report.add_argument("batch_id", nargs="?", metavar="BATCH_ID", help="a batch id (its "
                         "start is enough) or a report's .json file (default: the last batch)")
     report.add_argument("--last", action="store_true", help="the last batch (the default)")
@@ -364,6 +366,17 @@ def _socket(args: argparse.Namespace) -> Path:
     return settings.daemon.state_dir / SOCKET_NAME
 
 
+def _running_config(args: argparse.Namespace) -> Path | None:
+    """Without --config (or $TRAXD_CONFIG): the config of the one daemon running for this
+    user, if one is; None (the user's or system config) otherwise."""
+    from traxd.control import running_daemons
+
+    if args.config is not None or os.environ.get("TRAXD_CONFIG"):
+        return None
+    daemons = running_daemons()
+    return Path(daemons[0].config) if len(daemons) == 1 and daemons[0].config else None
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from rich.text import Text
 
@@ -374,7 +387,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if wanted is not None and wanted.endswith(".json") and Path(wanted).is_file():
         path = Path(wanted)
     else:
-        folder = load_settings(args.config).daemon.state_dir / "reports"
+        folder = load_settings(args.config or _running_config(args)).daemon.state_dir / "reports"
         found = find_report(folder, wanted)
         if found is None:
             which = f"batch {wanted!r}" if wanted else "any batch"
