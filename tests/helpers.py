@@ -133,8 +133,9 @@ class DaemonProcess:
 
 
 @contextmanager
-def running_daemon(config: Path, log: Path) -> Iterator[DaemonProcess]:
-    daemon = DaemonProcess(config, log).start()
+def running_daemon(config: Path, log: Path,
+                   env: dict[str, str] | None = None) -> Iterator[DaemonProcess]:
+    daemon = DaemonProcess(config, log, env).start()
     try:
         yield daemon
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import fcntl
 import io
 import json
@@ -19,10 +20,16 @@ from pathlib import Path
 
 import psutil
 import pytest
+from rich.console import Console
 
+from tests.faults.kit import ffmpeg
 from tests.helpers import base_daemon, copy_step, files_under, wait_until, write_config
+from tests.media.openai_server import FakeOpenAI
+from traxd.batch import BatchRun
 from traxd.cli import build_parser
-from traxd.config import load_settings
+from traxd.config import InboxSettings, Settings, load_settings
+from traxd.eta import Eta, Throughput
+from traxd.jobs import JobEnd
 
 
 def traxd(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -78,6 +85,46 @@ def test_batch_processes_in_place_lists_failures_and_resumes(tmp_path: Path) -> 
     assert sorted(ledger.read_text().split()) == ["a.mp3", "b.mp3", "bad.mp3", "c.mp3"]
     assert (outputs / "bad.txt").read_bytes() == b"fixed"
     assert (outputs / "failed.jsonl").read_text() == ""
+
+
+def test_a_missing_enhancement_key_is_a_warning_in_batch_mode(tmp_path: Path) -> None:
+    # Given a folder of two recordings, a transcription server, and no enhancement key
+    folder = tmp_path / "talks"
+    folder.mkdir()
+    for name in ("a.wav", "b.wav"):
+        ffmpeg("-f", "lavfi", "-i", "sine=frequency=440:duration=1", str(folder / name))
+    with FakeOpenAI().running() as server:
+        config = write_config(
+            tmp_path / "c.toml", {"state_dir": str(tmp_path / "state")},
+            [{"name": "x", "path": str(tmp_path / "unused" / "inbox"),
+              "pipeline": ["preprocess", "transcribe", "enhance"]}],
+            transcribe={"backend": "openai", "base_url": server.base_url,
+                        "api_key_env": "TRAXD_TEST_BATCH_TRANSCRIBE_KEY"},
+            enhance={"base_url": server.base_url,
+                     "api_key_env": "TRAXD_TEST_BATCH_ENHANCE_KEY"})
+        env = {**os.environ, "TRAXD_TEST_BATCH_TRANSCRIBE_KEY": "sk-test-" + "t" * 24,
+               "COLUMNS": "200"}
+        env.pop("TRAXD_TEST_BATCH_ENHANCE_KEY", None)
+        # When the folder is processed
+        result = subprocess.run([sys.executable, "-m", "traxd", "batch", str(folder),
+                                 "--config", str(config)], capture_output=True, text=True,
+                                timeout=120, env=env, check=False)
+        paths = server.paths()
+    # Then both files are done with their transcripts, none failed, and it warns
+    assert result.returncode == 0, result.stdout + result.stderr
+    outputs = tmp_path / "talks.transcripts"
+    assert {"a.txt", "a.warnings.json", "b.txt", "b.warnings.json"} <= set(
+        files_under(outputs))
+    assert (outputs / "failed.jsonl").read_text() == ""
+    assert "warning: enhance has no API key (TRAXD_TEST_BATCH_ENHANCE_KEY: not set)" \
+        in result.stdout
+    assert "warning: enhance did not run for 2 files (no API key for 127.0.0.1)" \
+        in result.stdout
+    assert '"backend_paused"' not in result.stdout  # no one resumes a batch
+    assert all(path.endswith("/audio/transcriptions") for path in paths), paths
+    report = json.loads((outputs / "report.json").read_text())
+    assert (report["done"], report["failed"]) == (2, 0), report
+    assert [w["step"] for w in report["warnings"]] == ["enhance", "enhance"]
 
 
 def test_two_folders_in_one_parent_never_share_outputs(tmp_path: Path) -> None:
@@ -328,3 +375,44 @@ def test_make_run_says_how_to_reach_the_daemon_from_another_terminal() -> None:
     planned = subprocess.run(["make", "-n", "run"], cwd=root, capture_output=True, text=True,
                              timeout=60, check=True).stdout
     assert "from another terminal, in this folder: .venv/bin/traxd status" in planned
+
+
+async def test_the_batch_eta_counts_the_media_seconds_the_headers_state(tmp_path: Path) -> None:
+    # Given a batch of a 1 s and a 3 s recording, not yet started
+    folder, output = tmp_path / "talks", tmp_path / "talks.transcripts"
+    folder.mkdir()
+    output.mkdir()
+    for name, seconds in (("a.wav", 1), ("b.wav", 3)):
+        ffmpeg("-f", "lavfi", "-i", f"sine=frequency=440:duration={seconds}",
+               str(folder / name))
+    inbox = InboxSettings("batch", folder, pipeline=("preprocess", "transcribe"))
+    run = BatchRun(Settings(inboxes=(inbox,)), folder, output, Console(file=io.StringIO()))
+    try:
+        jobs = await asyncio.to_thread(run.jobs)
+        run.left = {job.id for job in jobs}
+        # When their durations are probed
+        await run._probe_durations(jobs)
+        assert sorted(run.durations.values()) == [pytest.approx(1, abs=0.05),
+                                                  pytest.approx(3, abs=0.05)]
+        # And a file of 4 s was done 2 s into the batch
+        clock = Clock()
+        run.throughput = Throughput(clock, min_span=1.0, started=0.0)
+        clock.now = 2.0
+        run._ended(JobEnd(999, "batch", "earlier.wav", "done", 1, 2.0, media_seconds=4.0))
+        # Then the 4 s of media left take 2 s at that rate (twice real time)
+        assert parts(run.eta()) == (pytest.approx(2.0, abs=0.05), "media")
+    finally:
+        run.journal.close()
+
+
+def parts(eta: Eta | None) -> tuple[object, ...] | None:
+    """An estimate as a tuple, to compare with pytest.approx seconds."""
+    return None if eta is None else (eta.seconds, eta.basis)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from tests.faults.kit import ffmpeg
 from tests.helpers import (
     DaemonProcess,
     base_daemon,
@@ -23,6 +25,7 @@ from tests.helpers import (
     wait_until,
     write_config,
 )
+from tests.media.openai_server import FakeOpenAI, Reply, Request, verbose_json
 
 pytestmark = pytest.mark.integration
 
@@ -59,6 +62,7 @@ def test_status_shows_a_running_job_and_the_queue(tmp_path: Path) -> None:
         assert inbox["running"][0]["step"] == "command"
         assert inbox["running"][0]["file"] in ("a.mp3", "b.mp3", "c.mp3")
         assert inbox["queued"] + len(inbox["running"]) + inbox["done"] == 3
+        assert inbox["eta_basis"] == "files"  # a command step measures no duration
         text = traxd(config, "status")
         assert text.returncode == 0
         assert "main" in text.stdout
@@ -231,3 +235,85 @@ def test_a_job_put_back_after_a_step_counts_as_resumed_at_the_next_start(tmp_pat
                      if '"recovered"' in line]
     # Then the job that goes on from its finished step is counted
     assert [r["resumed"] for r in recovered] == [1], recovered
+
+
+def test_a_transcript_is_out_while_its_enhancement_waits_for_a_key(tmp_path: Path) -> None:
+    # Given a daemon that transcribes and enhances, its enhance key named as a file that is
+    # not written yet
+    root, key_file = tmp_path / "box", tmp_path / "deepseek.key"
+    (root / "inbox").mkdir(parents=True)
+    with FakeOpenAI().running() as server:
+        config = write_config(
+            tmp_path / "traxd.toml", base_daemon(tmp_path),
+            [{"name": "talks", "path": str(root / "inbox"),
+              "pipeline": ["preprocess", "transcribe", "enhance"]}],
+            transcribe={"backend": "openai", "base_url": server.base_url,
+                        "api_key_env": "TRAXD_TEST_WAIT_TRANSCRIBE_KEY"},
+            enhance={"base_url": server.base_url, "api_key_file": str(key_file)})
+        daemon = DaemonProcess(config, tmp_path / "log", env={
+            "TRAXD_TEST_WAIT_TRANSCRIBE_KEY": "sk-test-" + "t" * 24})
+        with contextlib.ExitStack() as stack:
+            stack.callback(daemon.stop)
+            daemon.start()
+            # When a recording arrives
+            ffmpeg("-f", "lavfi", "-i", "sine=frequency=440:duration=1",
+                   str(tmp_path / "tone.wav"))
+            os.replace(tmp_path / "tone.wav", root / "inbox" / "tone.wav")
+            # Then its transcript is published while the file waits for the key
+            inbox = wait_until(lambda: (s := status(config)["inboxes"][0])["waiting"] and s,
+                               30, message="the job waiting for the enhance key")
+            assert files_under(root / "outputs") == ["tone.json", "tone.srt", "tone.txt",
+                                                     "tone.vtt"]
+            assert (inbox["done"], files_under(root / "done")) == (0, [])
+            assert files_under(root / "processing") == ["tone.wav"]
+            assert str(key_file) in status(config)["backends_paused"]["enhance"]
+            # When the key is put in the file and the daemon resumed
+            key_file.write_text("sk-test-" + "e" * 24 + "\n")
+            resumed = traxd(config, "resume")
+            assert resumed.returncode == 0, resumed.stderr
+            assert "and the enhance backend" in resumed.stdout
+            # Then the enhanced text joins the transcript, and nothing is published twice
+            wait_until(lambda: files_under(root / "done") == ["tone.wav"], 30,
+                       message="the job done after resume")
+        chats = [r for r in server.requests if r.path.endswith("/chat/completions")]
+    assert files_under(root / "outputs") == ["tone.enhanced.md", "tone.json", "tone.srt",
+                                             "tone.txt", "tone.vtt"]
+    assert [r.headers["authorization"] for r in chats] == ["Bearer sk-test-" + "e" * 24]
+
+
+def test_status_counts_the_eta_in_media_seconds_once_durations_are_known(
+        tmp_path: Path) -> None:
+    # Given a daemon that transcribes one file at a time, slowly after the first
+    root = tmp_path / "box"
+    (root / "inbox").mkdir(parents=True)
+    with FakeOpenAI().running() as server:
+        answered: list[int] = []
+
+        def slow_after_the_first(request: Request) -> Reply:
+            answered.append(1)
+            reply = verbose_json(request)
+            return reply if len(answered) == 1 else dataclasses.replace(reply, pause=2.0)
+
+        server.transcribe = slow_after_the_first
+        config = write_config(
+            tmp_path / "traxd.toml", base_daemon(tmp_path, workers=1),
+            [{"name": "talks", "path": str(root / "inbox"),
+              "pipeline": ["preprocess", "transcribe"]}],
+            transcribe={"backend": "openai", "base_url": server.base_url,
+                        "api_key_env": "TRAXD_TEST_ETA_KEY"})
+        with running_daemon(config, tmp_path / "log", env={
+                "TRAXD_TEST_ETA_KEY": "sk-test-" + "t" * 24}):
+            for name, pitch in (("a", 440), ("b", 550), ("c", 660)):  # not duplicates
+                ffmpeg("-f", "lavfi", "-i", f"sine=frequency={pitch}:duration=1",
+                       str(tmp_path / f"{name}.wav"))
+            os.replace(tmp_path / "a.wav", root / "inbox" / "a.wav")
+            wait_until(lambda: files_under(root / "done") == ["a.wav"], 30, message="a done")
+            # When two more arrive while the first's duration is known
+            for name in ("b", "c"):
+                os.replace(tmp_path / f"{name}.wav", root / "inbox" / f"{name}.wav")
+            # Then, once one of them is transcribing, the ETA counts media seconds
+            inbox = wait_until(lambda: (s := status(config)["inboxes"][0])["running"]
+                               and s["running"][0]["step"] == "transcribe" and s, 30,
+                               message="b or c transcribing")
+            assert inbox["eta_basis"] == "media", inbox
+            assert inbox["eta_seconds"] is not None and inbox["eta_seconds"] > 0

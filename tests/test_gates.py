@@ -53,3 +53,18 @@ def test_a_window_that_never_opens_is_worked_out_once(settings: Settings, tmp_pa
     # Then it is closed every time, and the cron search ran once
     assert all(a == ["talks"] for a in answers)
     assert len(calls) == 1
+
+
+def test_a_paused_optional_step_leaves_the_inbox_open(settings: Settings,
+                                                      tmp_path: Path) -> None:
+    # Given an inbox that transcribes, then enhances
+    enhancing = dataclasses.replace(settings.inboxes[0], name="talks",
+                                    pipeline=("transcribe", "enhance"))
+    backends = BackendGate()
+    gates = InboxGates(dataclasses.replace(settings, inboxes=(enhancing,)), backends)
+    # When the enhance backend is paused, its files still start (to publish transcripts)
+    backends.pause("enhance", "no API key")
+    assert gates.open(0.0) == ["talks"]
+    # But not when the transcription backend is
+    backends.pause(settings.transcribe.backend, "401")
+    assert gates.open(0.0) == []

@@ -165,6 +165,48 @@ async def test_fatal_backend_error_pauses_the_backend_and_keeps_the_file(
     assert files_under(h.folders.processing) == ["x.mp3"]
 
 
+async def test_a_transcript_is_published_while_the_enhancement_waits(
+        settings: Settings) -> None:
+    # Given a transcript step that works and an enhancement without its key
+    enhance = ScriptedStep("enhance", [BackendFatal("no API key", backend="enhance")])
+    h = Harness(settings, ScriptedStep("txt"), enhance)
+    first = h.drop("talk.mp3")
+    # When the job runs, it waits for the key, and its transcript is published already
+    assert await h.run(first) is Outcome.WAITING
+    assert h.gate.paused == {"enhance": "no API key"}
+    assert files_under(h.folders.outputs) == ["talk.txt"]
+    assert files_under(h.folders.processing) == ["talk.mp3"]
+    # And a file that comes while the backend is paused does the same, without a request
+    second = h.drop("sub/other.mp3")
+    assert await h.run(second) is Outcome.WAITING
+    assert enhance.runs == 1
+    assert files_under(h.folders.outputs) == ["sub/other.txt", "talk.txt"]
+    # When the backend is resumed, each job adds its enhanced file to what is there
+    h.gate.resume()
+    h.journal.release_all()
+    assert [await h.run(job) for job in (first, second)] == [Outcome.DONE] * 2
+    assert files_under(h.folders.outputs) == ["sub/other.enhance", "sub/other.txt",
+                                              "talk.enhance", "talk.txt"]
+    assert files_under(h.folders.done) == ["sub/other.mp3", "talk.mp3"]
+    assert h.runner.mover.reserved == set()
+
+
+async def test_with_no_one_to_resume_a_paused_enhancement_is_a_warning(
+        settings: Settings) -> None:
+    # Given a runner for `traxd batch`, where no one runs `traxd resume`
+    h = Harness(settings, ScriptedStep("txt"),
+                ScriptedStep("enhance", [BackendFatal("no API key", backend="enhance")]))
+    h.runner.optional_waits = False
+    job = h.drop("talk.mp3")
+    # When the enhancement has no key, the file is done with its transcript and a warning
+    assert await h.run(job) is Outcome.DONE
+    assert files_under(h.folders.outputs) == ["talk.txt", "talk.warnings.json"]
+    warning = json.loads((h.folders.outputs / "talk.warnings.json").read_text())
+    assert (warning["warnings"][0]["step"], warning["warnings"][0]["category"]) == (
+        "enhance", "fatal")
+    assert files_under(h.folders.failed) == []
+
+
 async def test_a_symlink_in_the_inbox_is_refused_not_followed(settings: Settings,
                                                               tmp_path: Path) -> None:
     h = Harness(settings, ScriptedStep("a"))

@@ -8,6 +8,7 @@ import json
 import shlex
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,22 +23,26 @@ from rich.progress import (
     TaskProgressColumn,
     TextColumn,
     TimeElapsedColumn,
-    TimeRemainingColumn,
 )
 from rich.table import Table
 from rich.text import Text
 
 from traxd.config import InboxSettings, Settings, StepSpec
+from traxd.errors import BackendFatal
+from traxd.eta import Eta, Throughput
 from traxd.executor import LocalExecutor
 from traxd.folders import InboxFolders, scan, why_not_a_folder, write_atomic
 from traxd.intake import sha256_file
-from traxd.jobs import BackendGate, JobEnd, JobRunner, Outcome
+from traxd.jobs import OPTIONAL_STEPS, BackendGate, JobEnd, JobRunner, Outcome
 from traxd.journal import Job, JobState, Journal
+from traxd.keys import key_state, needed_keys
 from traxd.moves import InPlaceMover
+from traxd.pipeline.ffmpeg import find_tools, header_duration
 from traxd.pipeline.registry import StepRegistry
 from traxd.pipeline.ytdlp import is_link_list
 from traxd.procs import watch_children_by_pidfd
 from traxd.reports import build_report, write_report
+from traxd.statusview import format_duration
 
 BATCH_INBOX = "batch"
 OUTPUT_SUFFIX = ".transcripts"  # `talks/` -> `talks.transcripts/` beside it
@@ -123,10 +128,14 @@ class BatchRun:
         executor = LocalExecutor(self.settings, StepRegistry(self.settings))
         self.runner = JobRunner(self.settings, self.journal, executor, BackendGate(),
                                 InPlaceMover({}))
+        self.runner.optional_waits = False  # no one resumes: done without it, with a warning
         self.runner.folders[BATCH_INBOX] = InboxFolders(root, root, root, output, output)
         self.tally = Tally()
         self.ends: list[JobEnd] = []  # for the report (traxd.reports)
-        self.runner.on_end = self.ends.append
+        self.runner.on_end = self._ended
+        self.throughput = Throughput(min_span=1.0)
+        self.left: set[int] = set()  # jobs not finished
+        self.durations: dict[int, float] = {}  # media seconds of files not finished
         self.again = f"traxd batch {shlex.quote(str(root))}"  # the command that resumes
         self.interrupted = False
 
@@ -155,14 +164,45 @@ class BatchRun:
             self.journal.take(job)
         return jobs
 
+    def _ended(self, end: JobEnd) -> None:
+        self.ends.append(end)
+        self.left.discard(end.job_id)
+        self.durations.pop(end.job_id, None)
+        if end.outcome == Outcome.DONE.value:
+            self.throughput.finished(end.media_seconds)
+
+    def eta(self) -> Eta | None:
+        """Time left: in media seconds once durations are known (probed), else in files."""
+        known = [self.durations[j] for j in self.left if j in self.durations]
+        return self.throughput.eta(known, len(self.left) - len(known))
+
+    async def _probe_durations(self, jobs: list[Job]) -> None:
+        """The durations the files' headers state, one file at a time, for the ETA."""
+        if "preprocess" not in self.settings.inboxes[0].pipeline:
+            return
+        try:
+            tools = find_tools()
+        except BackendFatal:
+            return
+        for job in jobs:
+            path = self.root / job.rel_path
+            if job.id not in self.left or path.suffix.lower() in LINK_FILES:
+                continue
+            seconds = await header_duration(path, tools)
+            if seconds is not None and job.id in self.left:  # not finished meanwhile
+                self.durations[job.id] = seconds
+
     async def run(self) -> int:
         watch_children_by_pidfd()
         self._started = time.time()
+        self.throughput.started = self._started
         jobs = await asyncio.to_thread(self.jobs)
         done_before = f"; {self.tally.skipped} done before" if self.tally.skipped else ""
         self.console.print(f"traxd batch: {len(jobs)} to do in {self.root}{done_before}\n"
                            f"outputs: {self.output}", markup=False, highlight=False,
                            soft_wrap=True)
+        for warning in missing_optional_keys(self.settings):
+            self.console.print(f"[yellow]warning:[/yellow] {escape(warning)}", soft_wrap=True)
         try:
             await self._run_all(jobs)
         except asyncio.CancelledError:  # Ctrl-C: what finished is kept, the rest resumes
@@ -181,17 +221,23 @@ class BatchRun:
 
     async def _run_all(self, jobs: list[Job]) -> None:
         gate = asyncio.Semaphore(self.settings.daemon.workers)
-        with _progress_bar(self.console) as bar:
+        self.left = {job.id for job in jobs}
+        probing = asyncio.create_task(self._probe_durations(jobs), name="probe-durations")
+        with _progress_bar(self.console, self.eta) as bar:
             task = bar.add_task("processing", total=len(jobs))
 
             async def one(job: Job) -> None:
                 async with gate:
                     await self._process(job)
+                self.left.discard(job.id)
                 bar.advance(task)
 
-            async with asyncio.TaskGroup() as group:
-                for job in jobs:
-                    group.create_task(one(job))
+            try:
+                async with asyncio.TaskGroup() as group:
+                    for job in jobs:
+                        group.create_task(one(job))
+            finally:
+                probing.cancel()
 
     async def _process(self, job: Job) -> None:
         if job.state is JobState.SEEN:
@@ -229,6 +275,10 @@ class BatchRun:
                                soft_wrap=True)
         for rel, why in sorted(self.tally.not_media.items()):
             self.console.print(f"skipped {escape(rel)}: {escape(why)}", soft_wrap=True)
+        for (step, why), count in sorted(optional_steps_not_run(self.ends).items()):
+            self.console.print(f"[yellow]warning:[/yellow] {step} did not run for {count} "
+                               f"file{'s' if count > 1 else ''} ({escape(why)}): done without "
+                               "it, each with <stem>.warnings.json", soft_wrap=True)
         self.console.print(f"outputs: {self.output}", markup=False, highlight=False,
                            soft_wrap=True)
 
@@ -247,16 +297,54 @@ class BatchRun:
         write_atomic(self.output / "failed.jsonl", "".join(f"{line}\n" for line in lines).encode())
 
 
+def missing_optional_keys(settings: Settings) -> list[str]:
+    """What to say before work starts about optional steps that will find no API key."""
+    said = []
+    for need in needed_keys(settings):
+        state = key_state(need)
+        if need.use in OPTIONAL_STEPS and not state.present:
+            said.append(f"{need.use} has no API key ({need.where}: {state.problem}): the "
+                        f"files are done without {need.use}")
+    return said
+
+
+def optional_steps_not_run(ends: list[JobEnd]) -> dict[tuple[str, str], int]:
+    """(step, why) -> files done without that optional step because its backend was
+    paused (a missing or refused key); why: the head of the message ("no API key for
+    api.deepseek.com", "api.deepseek.com answered 401"), the rest is in the warnings file."""
+    counts: dict[tuple[str, str], int] = {}
+    for end in ends:
+        for warning in end.warnings:
+            if warning.get("step") in OPTIONAL_STEPS and warning.get("category") == "fatal":
+                key = (str(warning["step"]), str(warning.get("message", "")).split(": ")[0])
+                counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
 class RateColumn(ProgressColumn):
     def render(self, task: Task) -> Text:
         speed = task.finished_speed or task.speed
         return Text(f"{speed * 3600:.0f} files/h" if speed else "- files/h")
 
 
-def _progress_bar(console: Console) -> Progress:
+class EtaColumn(ProgressColumn):
+    """`ETA 3m 20s`: from the media seconds left when durations are known, else files."""
+
+    def __init__(self, eta: Callable[[], Eta | None]) -> None:
+        super().__init__()
+        self.eta = eta
+
+    def render(self, task: Task) -> Text:
+        if task.finished:
+            return Text("ETA 0s")
+        eta = self.eta()
+        return Text(f"ETA {format_duration(eta.seconds)}" if eta else "ETA -")
+
+
+def _progress_bar(console: Console, eta: Callable[[], Eta | None]) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TaskProgressColumn(), RateColumn(), TimeElapsedColumn(), TextColumn("ETA"),
-                    TimeRemainingColumn(), console=console)
+                    TaskProgressColumn(), RateColumn(), TimeElapsedColumn(), EtaColumn(eta),
+                    console=console)
 
 
 def run_batch(settings: Settings, root: Path, output: Path | None, *, enhance: bool,

@@ -81,7 +81,13 @@ A re-run skips the files already done; failures are listed in OUTPUT/failed.json
     "retry": """examples:
   traxd retry                 every failed file
   traxd retry talk.mp3        one failed file, by name or inbox-relative path""",
-    "doctor": "examples:\n  traxd doctor\n  traxd doctor --config /etc/traxd/traxd.toml",
+    "doctor": """examples:
+  traxd doctor
+  traxd doctor --config /etc/traxd/traxd.toml
+
+With a daemon running for this user (or the one of --config), it also asks that daemon
+which API keys it has and from where, beside this shell's view: a daemon started by systemd
+or launchd does not see the variables exported in this shell.""",
     "init": """examples:
   traxd init
   traxd init --demo ./demo        a demo with its own inbox, no API key needed""",
@@ -151,7 +157,9 @@ def _control_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
                        help="failed files by name or inbox-relative path (default: all)")
 
     report = _command(sub, "report", cmd_report, "a batch's report: counts, steps, failures")
-    _config_option(report)
+    report.add_argument("--config", "-c", type=Path, help="the config whose state_dir holds the "
+                        "reports (default: $TRAXD_CONFIG, else the daemon running for this user, "
+                        "else the user and system config)")
     report.add_argument("batch_id", nargs="?", metavar="BATCH_ID", help="a batch id (its "
                         "start is enough) or a report's .json file (default: the last batch)")
     report.add_argument("--last", action="store_true", help="the last batch (the default)")
@@ -159,7 +167,8 @@ def _control_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 
 def _setup_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    doctor = _command(sub, "doctor", cmd_doctor, "check ffmpeg, models, keys, folders, limits")
+    doctor = _command(sub, "doctor", cmd_doctor, "check ffmpeg, models, keys (this shell's and "
+                      "the running daemon's), folders, limits")
     _config_option(doctor)
 
     init = _command(sub, "init", cmd_init, "write a commented config and the folders")
@@ -357,6 +366,17 @@ def _socket(args: argparse.Namespace) -> Path:
     return settings.daemon.state_dir / SOCKET_NAME
 
 
+def _running_config(args: argparse.Namespace) -> Path | None:
+    """Without --config (or $TRAXD_CONFIG): the config of the one daemon running for this
+    user, if one is; None (the user's or system config) otherwise."""
+    from traxd.control import running_daemons
+
+    if args.config is not None or os.environ.get("TRAXD_CONFIG"):
+        return None
+    daemons = running_daemons()
+    return Path(daemons[0].config) if len(daemons) == 1 and daemons[0].config else None
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from rich.text import Text
 
@@ -367,7 +387,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if wanted is not None and wanted.endswith(".json") and Path(wanted).is_file():
         path = Path(wanted)
     else:
-        folder = load_settings(args.config).daemon.state_dir / "reports"
+        folder = load_settings(args.config or _running_config(args)).daemon.state_dir / "reports"
         found = find_report(folder, wanted)
         if found is None:
             which = f"batch {wanted!r}" if wanted else "any batch"
@@ -389,14 +409,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from traxd.doctor import run_doctor
+    from traxd.doctor import ask_daemon, run_doctor
 
     try:
         settings: Settings | None = load_settings(args.config)
     except ConfigError as exc:
         print(f"config: {exc}", file=sys.stderr)
         settings = None
-    return run_doctor(settings, Console())
+    return run_doctor(settings, Console(), ask_daemon(args.config, settings))
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

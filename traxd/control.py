@@ -1,4 +1,5 @@
-"""The control socket: `traxd status|pause|resume|drain|retry` talk to the running daemon.
+"""The control socket: `traxd status|pause|resume|drain|retry` (and `traxd doctor`, for
+`keys`) talk to the running daemon.
 
 Transport: a unix stream socket at ``state_dir/traxd.sock``, mode 0600 (only the
 daemon's user may connect), one UTF-8 JSON object per line in each direction. A client
@@ -6,7 +7,7 @@ may send several requests on one connection; each gets one answer line, in order
 
 Request::
 
-    {"command": "status" | "pause" | "resume" | "drain" | "retry",
+    {"command": "status" | "pause" | "resume" | "drain" | "retry" | "keys",
      "inbox": "podcasts" | null,        # pause/resume/drain: one inbox, null = all
      "names": ["talk.mp3"] | null}      # retry: failed files by name, null = all
 
@@ -14,6 +15,19 @@ Answer::
 
     {"ok": true, "result": {...}}       # the handler's dict; for status see `Status`
     {"ok": false, "error": "no inbox named 'x'; inboxes: podcasts"}
+
+`keys` answers what the daemon itself sees of the API keys its pipelines need (its
+environment may differ from the shell's), never a key::
+
+    {"keys": [{"use": "enhance", "backend": "enhance",
+               "source": "env" | "file",          # where the daemon reads it from
+               "where": "DEEPSEEK_API_KEY" | "/home/me/.config/traxd/deepseek.key",
+               "present": false, "problem": "not set",   # "" when present
+               "local": false,                     # base_url on this machine
+               "paused": "no API key for ..." | null,     # the backend's pause, if any
+               "fix": "put DEEPSEEK_API_KEY=… in ~/.config/traxd/traxd.env, then ..."}],
+     "manager": "systemd-user" | "systemd-system" | "launchd" | "none",
+     "pid": 1234}
 
 Times in answers are Unix seconds (floats) unless a field says ISO 8601.
 """
@@ -37,7 +51,7 @@ from typing import Any, NotRequired, Protocol, TypedDict
 from traxd.errors import AlreadyRunning, ControlRejected, ControlUnavailable, TraxdError
 from traxd.logs import get_logger
 
-COMMANDS = ("status", "pause", "resume", "drain", "retry")
+COMMANDS = ("status", "pause", "resume", "drain", "retry", "keys")
 SOCKET_NAME = "traxd.sock"
 MAX_LINE = 1 << 20  # bytes; a status of thousands of running jobs still fits
 _MAX_SOCKET_PATH = 107  # sun_path is 108 bytes on Linux (104 on macOS) with the NUL
@@ -65,6 +79,7 @@ class InboxStatus(TypedDict):
     failed: int
     rate_per_hour: float  # jobs finished per hour over the last hour
     eta_seconds: float | None  # until queued + running are done at that rate; None: unknown
+    eta_basis: NotRequired[str]  # "media": media seconds left at media seconds/s; "files"
     schedule: str  # "always" or the cron window
     next_window: str | None  # ISO 8601: when the window is next open (now when open)
     waiting: NotRequired[int]  # held for a paused backend
@@ -92,6 +107,8 @@ class ControlHandler(Protocol):
     def drain(self, inbox: str | None) -> dict[str, Any]: ...
 
     async def retry(self, names: list[str] | None) -> dict[str, Any]: ...
+
+    async def keys(self) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -195,6 +212,8 @@ class ControlServer:
             return handler.resume(request.inbox)
         if request.command == "drain":
             return handler.drain(request.inbox)
+        if request.command == "keys":
+            return await handler.keys()
         return await handler.retry(request.names)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

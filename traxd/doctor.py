@@ -12,17 +12,18 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
-from urllib.parse import urlparse
+from typing import Any, Literal
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from traxd.config import EnhanceSettings, InboxSettings, Settings, TranscribeSettings
-from traxd.errors import BackendFatal
+from traxd.config import InboxSettings, Settings
+from traxd.errors import BackendFatal, ControlRejected, ControlUnavailable
+from traxd.keys import KeyNeed, key_state, needed_keys
 
 Level = Literal["ok", "warn", "fail"]
 GIB = 1 << 30
@@ -40,15 +41,30 @@ class Check:
     detail: str
 
 
-def run_doctor(settings: Settings | None, console: Console) -> int:
-    """Run every check, print a table; 1 when any check failed."""
+def run_doctor(settings: Settings | None, console: Console,
+               daemon: DaemonKeys | None = None) -> int:
+    """Run every check, print a table (and with `daemon`, its keys beside this shell's);
+    1 when any check failed or the running daemon lacks a key it needs."""
     checks = collect_checks(settings)
+    rows = key_rows(daemon) if daemon is not None else []
+    checks = with_daemon_view(checks, rows)
     console.print(checks_table(checks))
+    if daemon is not None and rows:
+        console.print(keys_table(daemon, rows))
+    elif daemon is not None:
+        needs = "needs no API key" if daemon.reached else ""
+        console.print(f"running daemon: {daemon.about}{'; ' + needs if needs else ''}",
+                      markup=False, highlight=False, style="dim")
     failed = [c for c in checks if c.level == "fail"]
     warned = [c for c in checks if c.level == "warn"]
-    console.print(f"{len(checks)} checks: {len(failed)} failed, {len(warned)} warnings",
-                  style="bold red" if failed else "green", highlight=False)
-    return 1 if failed else 0
+    lacking = [r for r in rows if r.daemon_lacks]
+    summary = f"{len(checks)} checks: {len(failed)} failed, {len(warned)} warnings"
+    if lacking:
+        summary += (f"; the running daemon lacks {len(lacking)} API key"
+                    f"{'s' if len(lacking) > 1 else ''} (it does not see this shell's "
+                    "environment)")
+    console.print(summary, style="bold red" if failed or lacking else "green", highlight=False)
+    return 1 if failed or lacking else 0
 
 
 def collect_checks(settings: Settings | None) -> list[Check]:
@@ -146,37 +162,124 @@ def _local_model(name: str, failing: Level) -> Check:
 
 def check_api_keys(settings: Settings) -> list[Check]:
     """An API key for each remote backend in use; only whether it is set is shown."""
-    wanted: list[tuple[str, TranscribeSettings | EnhanceSettings]] = []
-    if settings.transcribe.backend == "openai" and _uses_any(settings, {"transcribe"}):
-        wanted.append(("transcribe", settings.transcribe))
-    if _uses_any(settings, {"enhance"}):
-        wanted.append(("enhance", settings.enhance))
-    return [_file_check(use, section.api_key_file) if section.api_key_file
-            else _key_check(use, section.api_key_env, section.base_url)
-            for use, section in wanted]
+    return [_key_check(need) for need in needed_keys(settings)]
 
 
-def _file_check(use: str, path: Path) -> Check:
-    name = f"API key file {path}"
-    try:
-        key = path.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        return Check(name, "fail", f"cannot read it ({why}): {use} needs the key there; the "
+def _key_check(need: KeyNeed) -> Check:
+    state = key_state(need)
+    if need.file is not None:
+        name = f"API key file {need.file}"
+        if state.present:
+            return Check(name, "ok", f"holds a key (for {need.use})")
+        if state.problem == "empty":
+            return Check(name, "fail", f"empty: put the key for {need.use} in it")
+        return Check(name, "fail", f"{state.problem}: {need.use} needs the key there; the "
                                    "backend would be paused until it is, then `traxd resume`")
-    if not key:
-        return Check(name, "fail", f"empty: put the key for {use} in it")
-    return Check(name, "ok", f"holds a key (for {use})")
+    name = f"API key {need.env}"
+    if state.present:
+        return Check(name, "ok", f"set (for {need.use})")
+    if need.local:
+        return Check(name, "warn", f"not set; {need.base_url} is local and may not need one")
+    return Check(name, "fail", f"not set: {need.use} needs it (export {need.env}=…, or put it "
+                               "in the service's environment file); the backend would be paused")
 
 
-def _key_check(use: str, env: str, base_url: str | None) -> Check:
-    name = f"API key {env}"
-    if os.environ.get(env, "").strip():
-        return Check(name, "ok", f"set (for {use})")
-    if base_url and urlparse(base_url).hostname in ("localhost", "127.0.0.1", "::1"):
-        return Check(name, "warn", f"not set; {base_url} is local and may not need one")
-    return Check(name, "fail", f"not set: {use} needs it (export {env}=…, or put it in the "
-                               "service's environment file); the backend would be paused")
+# --- what the running daemon sees --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DaemonKeys:
+    """The running daemon's answer to `keys`, or why there is none."""
+
+    about: str  # "pid 1234, config /srv/traxd.toml", or why no daemon was asked
+    keys: tuple[Mapping[str, Any], ...] = ()
+    reached: bool = False
+
+
+@dataclass(frozen=True)
+class KeyRow:
+    """One key as this shell and the running daemon see it."""
+
+    label: str
+    shell: str
+    daemon: str
+    daemon_has: bool
+    local: bool  # the server is on this machine and may need no key
+    need: KeyNeed
+
+    @property
+    def daemon_lacks(self) -> bool:
+        """The daemon has no key for a remote server: its backend pauses."""
+        return not self.daemon_has and not self.local
+
+
+def ask_daemon(config: Path | None, settings: Settings | None) -> DaemonKeys:
+    """Ask the daemon running for this user (the one of `config` when it is named, as
+    `traxd status` finds it) what it sees of its keys."""
+    from traxd.control import SOCKET_NAME, request, running_daemons
+
+    named = config is not None or bool(os.environ.get("TRAXD_CONFIG"))
+    daemons = [] if named else running_daemons()
+    mine = settings.source.resolve() if settings and settings.source else None
+    if named or not daemons:
+        if settings is None:
+            return DaemonKeys("none found (no valid configuration to look for it by)")
+        socket, about = settings.daemon.state_dir / SOCKET_NAME, "config " + str(mine or "")
+    else:
+        chosen = [d for d in daemons if mine and d.config == str(mine)] or daemons
+        if len(chosen) > 1:
+            return DaemonKeys(f"{len(chosen)} daemons are running: name one's config with "
+                              "--config to compare its keys")
+        socket, about = chosen[0].socket, f"pid {chosen[0].pid}, config {chosen[0].config}"
+    try:
+        answer = request(socket, "keys", timeout=5.0)
+    except (ControlUnavailable, ControlRejected) as exc:
+        return DaemonKeys(f"not asked: {exc}")
+    keys = tuple(k for k in answer.get("keys") or () if isinstance(k, Mapping))
+    if "pid" in answer and about.startswith("config"):
+        about = f"pid {answer['pid']}, {about}"
+    return DaemonKeys(about, keys, reached=True)
+
+
+def key_rows(daemon: DaemonKeys) -> list[KeyRow]:
+    """Each key the daemon needs, as it sees it and as this shell does."""
+    rows = []
+    for key in daemon.keys:
+        where = str(key.get("where", ""))
+        is_file = key.get("source") == "file"
+        need = KeyNeed(str(key.get("use", "?")), str(key.get("backend", "?")),
+                       "" if is_file else where, Path(where) if is_file else None, None)
+        shell = key_state(need)
+        present, local = bool(key.get("present")), bool(key.get("local"))
+        seen = "key set" if present else f"no key ({key.get('problem') or 'not set'})"
+        if not present and key.get("fix"):
+            seen += f" -> {key['fix']}"
+        if key.get("paused"):
+            seen += "; the backend is paused"
+        label = f"{need.use}: {'file ' if is_file else ''}{where}"
+        rows.append(KeyRow(label, "key set" if shell.present else f"no key ({shell.problem})",
+                           seen, present, local, need))
+    return rows
+
+
+def keys_table(daemon: DaemonKeys, rows: Sequence[KeyRow]) -> Table:
+    table = Table(title=f"API keys: this shell and the running daemon ({daemon.about})",
+                  title_justify="left")
+    table.add_column("Key", overflow="fold")
+    table.add_column("This shell", overflow="fold")
+    table.add_column("Running daemon", overflow="fold")
+    for row in rows:
+        table.add_row(row.label, row.shell,
+                      f"[{_STYLE['fail']}]{escape(row.daemon)}[/]" if row.daemon_lacks
+                      else escape(row.daemon))
+    return table
+
+
+def with_daemon_view(checks: Sequence[Check], rows: Sequence[KeyRow]) -> list[Check]:
+    """A key this shell lacks but the running daemon has is only a warning."""
+    has = {f"API key {r.need.env}" for r in rows if r.need.file is None and r.daemon_has}
+    return [Check(c.name, "warn", f"{c.detail} (the running daemon has it)")
+            if c.level == "fail" and c.name in has else c for c in checks]
 
 
 # --- folders and disks -------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Which inboxes may start jobs now: not paused or draining, their schedule window open,
-and no backend of their pipeline paused."""
+and no backend of their pipeline paused (but for optional steps': their jobs run the steps
+before, publish those outputs, and wait)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from datetime import datetime
 
 from traxd import metrics
 from traxd.config import Settings
-from traxd.jobs import BackendGate
+from traxd.jobs import OPTIONAL_STEPS, BackendGate
 from traxd.pipeline.registry import backend_of
 from traxd.schedule import Window
 
@@ -45,8 +46,8 @@ class InboxGates:
     def configure(self, settings: Settings) -> None:
         self.settings = settings
         self.windows = {i.name: Window.parse(i.schedule) for i in settings.inboxes}
-        self._needs = {i.name: {b for spec in i.pipeline
-                                if (b := backend_of(spec, settings.for_inbox(i.name)))}
+        self._needs = {i.name: {b for spec in i.pipeline if spec not in OPTIONAL_STEPS
+                                and (b := backend_of(spec, settings.for_inbox(i.name)))}
                        for i in settings.inboxes}
         self._window_cache.clear()
 

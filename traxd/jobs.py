@@ -23,6 +23,7 @@ from structlog.typing import FilteringBoundLogger
 from traxd import metrics
 from traxd.config import Settings, StepSpec
 from traxd.errors import BackendFatal, Category, Retry, classify_exception, compute_backoff
+from traxd.eta import Throughput
 from traxd.executor import Executor, StepReply, build_request
 from traxd.folders import InboxFolders, append_lines, write_atomic
 from traxd.journal import Job, JobState, Journal
@@ -30,10 +31,11 @@ from traxd.logs import Redactor, get_logger
 from traxd.moves import SPAWN_PREFIX, Ending, Mover
 from traxd.pipeline.base import RECORD_WHEN_DONE, JobInfo
 from traxd.pipeline.formats import WARNINGS_FACT
-from traxd.pipeline.registry import step_label
+from traxd.pipeline.registry import backend_of, step_label
 from traxd.stages import ClaimStage, FinishStage
 
-# Steps whose failure is a warning on the file, not its failure: what came before is kept.
+# Steps whose failure is a warning on the file, not its failure: what came before is kept;
+# while such a step waits for its paused backend, what came before is published already.
 OPTIONAL_STEPS = frozenset({"enhance"})
 
 
@@ -101,6 +103,7 @@ class Progress:
     fraction: float = 0.0
     started: float = field(default_factory=time.time)
     working: bool = False  # holds a worker slot: its steps run (claimed ahead until then)
+    media_seconds: float | None = None  # the file's duration, once a step measured it
 
 
 @dataclass
@@ -157,6 +160,11 @@ class JobEnd:
                    _count(facts.get("segments")), _count(facts.get("quality_warnings")))
 
 
+def _seconds(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) \
+        else None
+
+
 def _count(value: object) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
@@ -178,7 +186,11 @@ class JobRunner:
         self.claims = ClaimStage(journal, self.mover)
         self.finishes = FinishStage(journal, self.mover, sidecar)
         self.progress: dict[int, Progress] = {}
+        self.throughput: dict[str, Throughput] = {}  # per inbox, for the ETA in status
         self.on_end: Callable[[JobEnd], None] = _no_listener  # reports, notifications
+        # An optional step whose backend is paused: the job waits for `traxd resume` (a
+        # daemon), or is done without it, with a warning (`traxd batch`: no one resumes).
+        self.optional_waits = True
 
     def configure(self, settings: Settings) -> None:
         self.settings = settings
@@ -294,12 +306,23 @@ class JobRunner:
                 break
             spec = pipeline[index]
             progress.step, progress.fraction = step_label(spec), 0.0
+            progress.media_seconds = _seconds(state.facts.get("duration"))
+            self._check_backend(job, spec)
             state.merge(await self._run_step(job, index, spec, state, progress, log))
             if checkpoints:
                 await asyncio.to_thread(self._save_state, job, state)
                 job = self.journal.step_done(job, index + 1)
                 self.executor.recorded(job.id, index + 1)
         return state or PipelineState()
+
+    def _check_backend(self, job: Job, spec: StepSpec) -> None:
+        """An optional step whose backend is paused is not tried: it would fail the same
+        way (another request with a wrong key); its job waits, its outputs so far out."""
+        if spec not in OPTIONAL_STEPS:
+            return
+        backend = backend_of(spec, self.settings.for_inbox(job.inbox))
+        if backend is not None and (why := self.gate.paused.get(backend)) is not None:
+            raise BackendFatal(why, backend=backend, reason="backend_paused")
 
     async def _run_step(self, job: Job, index: int, spec: StepSpec, state: PipelineState,
                         progress: Progress, log: FilteringBoundLogger) -> StepReply:
@@ -365,10 +388,7 @@ class JobRunner:
         category = classify_exception(exc)
         info = error_info(job, exc, category, step, self.clock(), self.redactor)
         if isinstance(exc, BackendFatal) and job.state is JobState.RUNNING:
-            self.gate.pause(exc.backend, info["message"])
-            self.journal.hold(job, exc.backend, info)
-            log.error("backend_paused", backend=exc.backend, step=step, error=info["message"])
-            return Outcome.WAITING
+            return await self._wait_for_backend(job, exc, info, step, log)
         if category is Category.INTERNAL:
             metrics.INTERNAL_ERRORS.labels(step=step).inc()
         retryable = category in (Category.RETRY, Category.INTERNAL)
@@ -382,11 +402,47 @@ class JobRunner:
         self._ended(failed, Outcome.FAILED)
         return Outcome.FAILED
 
+    async def _wait_for_backend(self, job: Job, exc: BackendFatal, info: dict[str, Any],
+                                step: str, log: FilteringBoundLogger) -> Outcome:
+        """The backend is paused and the job waits for it; before an optional step, what
+        the steps before made is published now (or, with no one to resume, the file is done
+        without the step, with a warning)."""
+        first = exc.backend not in self.gate.paused
+        self.gate.pause(exc.backend, info["message"])
+        optional = step in OPTIONAL_STEPS
+        if optional and not self.optional_waits and (
+                kept := await self._publish_without(job, info, log)):
+            return kept
+        if first:
+            log.error("backend_paused", backend=exc.backend, step=step, error=info["message"])
+        if optional and self.optional_waits:
+            await self._publish_so_far(job, step, log)
+        self.journal.hold(self.journal.get(job.id), exc.backend, info)
+        log.info("job_waiting", backend=exc.backend, step=step)
+        return Outcome.WAITING
+
+    async def _publish_so_far(self, job: Job, step: str, log: FilteringBoundLogger) -> None:
+        """Put the outputs of the steps done into outputs/ while `step` waits; the final
+        publish adds what the rest make. A failure here only leaves them for the end."""
+        state = await asyncio.to_thread(self._load_state, job) if job.step else None
+        if state is None or not state.artifacts:
+            return
+        try:
+            await self.finishes.finish(Ending(job, JobState.DONE, None, state.artifacts,
+                                              workdir=self._workdir(job.id), partial=True))
+        except (OSError, KeyError) as exc:
+            log.warning("publish_before_wait_failed", error=str(exc), waiting_for=step)
+            return
+        log.info("outputs_published", waiting_for=step, outputs=sorted(state.artifacts))
+
     def _ended(self, job: Job, outcome: Outcome, facts: Mapping[str, Any] | None = None,
                warning: dict[str, Any] | None = None) -> None:
         end = JobEnd.of(job, outcome, self.clock(), facts)
         if warning is not None:
             end = dataclasses.replace(end, warnings=(*end.warnings, warning))
+        if outcome is Outcome.DONE:
+            self.throughput.setdefault(job.inbox, Throughput(self.clock)).finished(
+                end.media_seconds)
         try:
             self.on_end(end)
         except Exception:  # a listener's bug never fails a finished job

@@ -55,6 +55,9 @@ class Ending:
     artifacts: Mapping[str, str] = field(default_factory=dict)  # name -> file in the workdir
     spawn: Sequence[str] = ()  # files to drop into the inbox as new jobs
     workdir: Path | None = None  # removed when the job is finished
+    # Publish these outputs now and leave the job running (a later, optional step waits):
+    # no destination for the original, no move. The final publish adds the rest.
+    partial: bool = False
 
     def sources(self) -> dict[str, str]:
         return {**self.artifacts, **{SPAWN_PREFIX + str(i): p for i, p in enumerate(self.spawn)}}
@@ -163,26 +166,30 @@ class Mover:
     def plan_outputs(self, endings: Sequence[Ending],
                      finals: Mapping[int, Path] | None = None) -> list[dict[str, str]]:
         """Destinations of every output, unique across the batch, the folders and the names
-        other unfinished jobs hold. `finals`: where each job's original goes (job id ->
-        path), planned here when not given."""
+        other unfinished jobs hold; a job's plan so far (outputs published before a later
+        step ran) is kept and added to. `finals`: where each job's original goes (job id ->
+        path), planned here when not given; a partial ending has none."""
         if finals is None:
-            finals = {e.job.id: f for e, f in zip(endings, self.plan_finals(endings),
-                                                   strict=True)}
+            whole = [e for e in endings if not e.partial]
+            finals = dict(zip((e.job.id for e in whole), self.plan_finals(whole), strict=True))
         taken = self.reserved
-        return [self._plan_outputs(ending, taken, finals[ending.job.id]) for ending in endings]
+        return [self._plan_outputs(ending, taken, finals.get(ending.job.id))
+                for ending in endings]
 
-    def _plan_outputs(self, ending: Ending, taken: set[Path], final: Path) -> dict[str, str]:
+    def _plan_outputs(self, ending: Ending, taken: set[Path],
+                      final: Path | None) -> dict[str, str]:
         folders = self.folders[ending.job.inbox]
         subdir = PurePosixPath(ending.job.rel_path).parent
-        plan: dict[str, str] = {}
-        for key in sorted(ending.artifacts):
-            if key.startswith(BESIDE):
-                plan[key] = str(self._beside(final, key.removeprefix(BESIDE), taken))
-            else:
+        plan: dict[str, str] = dict(ending.job.outputs or {})
+        for key in sorted(set(ending.artifacts) - set(plan)):
+            if not key.startswith(BESIDE):
                 plan[key] = str(self._take(folders.outputs, str(subdir / key), taken))
+            elif final is not None:  # beside the original: known once it has a place
+                plan[key] = str(self._beside(final, key.removeprefix(BESIDE), taken))
         for index, spawned in enumerate(ending.spawn):
-            dest = self._take(folders.inbox, str(subdir / Path(spawned).name), taken)
-            plan[SPAWN_PREFIX + str(index)] = str(dest)
+            if SPAWN_PREFIX + str(index) not in plan:
+                dest = self._take(folders.inbox, str(subdir / Path(spawned).name), taken)
+                plan[SPAWN_PREFIX + str(index)] = str(dest)
         return plan
 
     @staticmethod
@@ -206,13 +213,16 @@ class Mover:
         return dest
 
     def publish(self, endings: Sequence[Ending]) -> list[Exception | None]:
-        """Copy each job's outputs to the destinations its journal row names."""
+        """Copy each job's outputs to the destinations its journal row names (a partial
+        ending: those of its outputs that it brings)."""
         synced: set[Path] = set()
         errors: list[Exception | None] = []
         for ending in endings:
             try:
                 sources = ending.sources()
                 for key, dest in (ending.job.outputs or {}).items():
+                    if ending.partial and key not in sources:
+                        continue
                     copy_atomic(Path(sources[key]), Path(dest), synced)
                 errors.append(None)
             except (OSError, KeyError) as exc:

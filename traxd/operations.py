@@ -1,8 +1,9 @@
 """What the control socket and the HTTP side may ask of a running daemon: the control
-verbs (pause, resume, drain, retry), the typed status, and health.
+verbs (pause, resume, drain, retry, keys), the typed status, and health.
 
 Everything here runs on the event loop and reads memory only (the journal's live jobs and
-counters); the one verb that needs history (`retry`) reads it in a thread.
+counters); the verbs that read files (`retry` the history, `keys` the key files) do so
+in a thread.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from traxd import __version__
+from traxd import __version__, keys
 from traxd.config import Settings
 from traxd.folders import move, sidecar_path, unique_path
 from traxd.gates import InboxGates
@@ -87,6 +88,12 @@ class Operations:
         self._log.info("retry", files=retried)
         return {"retried": retried}
 
+    async def keys(self) -> dict[str, Any]:
+        """Whether this process has each API key its pipelines need, and from where (the
+        key files are read now, in a thread); never a key."""
+        return await asyncio.to_thread(keys.report, self.settings,
+                                       dict(self.parts.backends.paused))
+
     def _unfail_all(self, jobs: list[Job]) -> list[Job]:
         moved = []
         for job in jobs:
@@ -131,7 +138,8 @@ class Operations:
         ahead = len(mine) - len(running)  # claimed, waiting for a worker: still queued
         queued = journal.count(name, JobState.QUEUED, JobState.SEEN) + ahead
         rate = self._rate(name, now)
-        pending = queued + len(running)
+        eta, basis = self._eta(name, [self._media(job["job_id"]) for job in running], queued,
+                               rate)
         opens = gates.windows[name].next_open(datetime.fromtimestamp(now).astimezone())
         return {
             "name": name,
@@ -143,7 +151,8 @@ class Operations:
             "done": journal.count(name, JobState.DONE, JobState.DUPLICATE),
             "failed": journal.count(name, JobState.FAILED),
             "rate_per_hour": rate * 3600.0,
-            "eta_seconds": pending / rate if rate > 0 and pending else None,
+            "eta_seconds": eta,
+            "eta_basis": basis,
             "schedule": schedule,
             "next_window": opens.isoformat() if opens else None,
         }
@@ -158,6 +167,24 @@ class Operations:
             "progress": progress.fraction if progress else 0.0,
             "started_at": progress.started if progress else None,
         }
+
+    def _eta(self, inbox: str, running: list[float | None], queued: int,
+             rate: float) -> tuple[float | None, str]:
+        """Seconds until the running (their media seconds, where known) and queued files
+        are done, and whether that was counted in media seconds (the files done here
+        recently all had a duration) or in files (at `rate`, files a second)."""
+        known = [m for m in running if m is not None]
+        throughput = self.parts.runner.throughput.get(inbox)
+        measured = throughput.eta(known, queued + len(running) - len(known)) \
+            if throughput is not None else None
+        if measured is not None and measured.basis == "media":
+            return measured.seconds, "media"
+        pending = queued + len(running)
+        return (pending / rate if rate > 0 and pending else None), "files"
+
+    def _media(self, job_id: int) -> float | None:
+        progress = self.parts.runner.progress.get(job_id)
+        return progress.media_seconds if progress is not None else None
 
     def _rate(self, inbox: str, now: float) -> float:
         """Jobs done per second over the recent window (from the first finish in it)."""

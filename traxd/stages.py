@@ -9,6 +9,7 @@ journal always records a move before the move happens.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from traxd.coalesce import Coalescer
 from traxd.journal import Job, JobState, Journal
 from traxd.logs import get_logger
 from traxd.moves import ClaimPlan, Ending, Mover
+from traxd.pipeline.base import BESIDE
 
 SidecarFn = Callable[[Job], bytes]
 Result = Job | None | BaseException
@@ -59,7 +61,8 @@ class ClaimStage:
 
 
 class FinishStage:
-    """`await finish(ending)`: the job ended as its outcome, the original moved."""
+    """`await finish(ending)`: the job ended as its outcome, the original moved; for a
+    partial ending, its outputs so far published and the job still running."""
 
     def __init__(self, journal: Journal, mover: Mover, sidecar: SidecarFn) -> None:
         self.journal, self.mover, self.sidecar = journal, mover, sidecar
@@ -71,10 +74,11 @@ class FinishStage:
     async def _handle(self, endings: Sequence[Ending]) -> list[Job | BaseException]:
         results: list[Job | BaseException | None] = [None] * len(endings)
         current = [_current(e, self.journal) for e in endings]
-        todo = [i for i, e in enumerate(current) if e.job.final_path is None]
-        publishing = [i for i in todo if current[i].outcome in (JobState.DONE, JobState.DUPLICATE)
+        open_ = [i for i, e in enumerate(current) if e.job.final_path is None]
+        todo = [i for i in open_ if not current[i].partial]
+        publishing = [i for i in open_ if current[i].outcome in (JobState.DONE, JobState.DUPLICATE)
                       and (current[i].artifacts or current[i].spawn)]
-        unplanned = [i for i in publishing if current[i].job.outputs is None]
+        unplanned = [i for i in publishing if not _planned(current[i])]
         plans, finals = await asyncio.to_thread(
             self.mover.plan_endings, [current[i] for i in unplanned], [current[i] for i in todo])
         if unplanned:
@@ -84,6 +88,9 @@ class FinishStage:
             errors = await asyncio.to_thread(self.mover.publish, [current[i] for i in publishing])
             for index, error in zip(publishing, errors, strict=True):
                 results[index] = error
+        for i in open_:
+            if current[i].partial and results[i] is None:  # published; the job goes on
+                results[i] = current[i].job
         await self._destine([(current[i], f) for i, f in zip(todo, finals, strict=True)
                              if results[i] is None])
         live = [i for i in range(len(current)) if results[i] is None]
@@ -129,6 +136,17 @@ def _current(ending: Ending, journal: Journal) -> Ending:
     job = journal.get(ending.job.id)
     if job is ending.job:
         return ending
-    return Ending(job, ending.outcome, ending.error, ending.artifacts, ending.spawn,
-                  ending.workdir)
+    return dataclasses.replace(ending, job=job)
+
+
+def _planned(ending: Ending) -> bool:
+    """Whether the journal names a destination for each output the ending brings (a plan
+    made before a restart, or outputs published before a later step ran)."""
+    planned = ending.job.outputs
+    if planned is None:
+        return False
+    wanted = set(ending.sources())
+    if ending.partial:
+        wanted = {key for key in wanted if not key.startswith(BESIDE)}
+    return wanted <= planned.keys()
 

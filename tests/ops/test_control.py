@@ -47,6 +47,10 @@ class FakeDaemon:
             raise RuntimeError("disk on fire")
         return {"retried": names or []}
 
+    async def keys(self) -> dict[str, Any]:
+        self.calls.append(("keys", None))
+        return {"keys": [{"use": "enhance", "present": False}]}
+
     def _names(self, inbox: str | None) -> list[str]:
         if inbox is not None and inbox not in self.inboxes:
             raise ValueError(f"no inbox named {inbox!r}")
@@ -84,7 +88,7 @@ def test_each_command_reaches_the_handler_and_returns_its_result(short_tmp: Path
         results = []
         commands: list[tuple[str, dict[str, Any]]] = [
             ("status", {}), ("pause", {"inbox": "podcasts"}), ("resume", {}),
-            ("drain", {"inbox": "lectures"}), ("retry", {"names": ["a.mp3"]})]
+            ("drain", {"inbox": "lectures"}), ("retry", {"names": ["a.mp3"]}), ("keys", {})]
         for command, args in commands:
             results.append(await asyncio.to_thread(request, path, command, **args))
         return results
@@ -95,9 +99,10 @@ def test_each_command_reaches_the_handler_and_returns_its_result(short_tmp: Path
     assert results == [{"version": "0.1.0", "inboxes": [{"name": "podcasts"},
                                                         {"name": "lectures"}]},
                        {"paused": ["podcasts"]}, {"resumed": ["podcasts", "lectures"]},
-                       {"draining": ["lectures"]}, {"retried": ["a.mp3"]}]
+                       {"draining": ["lectures"]}, {"retried": ["a.mp3"]},
+                       {"keys": [{"use": "enhance", "present": False}]}]
     assert daemon.calls == [("status", None), ("pause", "podcasts"), ("resume", None),
-                            ("drain", "lectures"), ("retry", ["a.mp3"])]
+                            ("drain", "lectures"), ("retry", ["a.mp3"]), ("keys", None)]
 
 
 def test_the_socket_is_private_and_removed_at_close(short_tmp: Path) -> None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from rich.console import Console
 
+from tests.helpers import DaemonProcess, base_daemon, write_config
 from traxd.config import (
     DaemonSettings,
     EnhanceSettings,
@@ -28,6 +30,7 @@ from traxd.doctor import (
     folder_state,
     run_doctor,
 )
+from traxd.keys import KeyNeed, service_manager, where_to_put
 
 SECRET = "sk-doctor-test-0123456789abcdef"
 
@@ -182,3 +185,96 @@ def test_without_a_config_the_doctor_fails_but_still_checks_tools() -> None:
     code, text = doctor_output(None)
     assert code == 1
     assert "ffmpeg" in text and "config" in text
+
+
+# --- what the running daemon sees --------------------------------------------------------
+
+
+def test_where_a_key_goes_depends_on_what_started_the_daemon(tmp_path: Path) -> None:
+    env = KeyNeed("enhance", "enhance", "DEEPSEEK_API_KEY", None, None)
+    in_file = KeyNeed("enhance", "enhance", "DEEPSEEK_API_KEY", tmp_path / "k", None)
+    user = {"INVOCATION_ID": "abc", "XDG_CONFIG_HOME": str(tmp_path / "cfg")}
+    assert service_manager(user, ppid=4242, platform="linux") == "systemd-user"
+    assert service_manager(user, ppid=1, platform="linux") == "systemd-system"
+    assert service_manager({}, ppid=1, platform="linux") == "none"
+    assert service_manager({"XPC_SERVICE_NAME": "com.trax.traxd"}, platform="darwin") \
+        == "launchd"
+    assert f"in {tmp_path / 'cfg' / 'traxd' / 'traxd.env'}" in where_to_put(
+        env, "systemd-user", user)
+    assert "systemctl --user restart traxd" in where_to_put(env, "systemd-user", user)
+    assert "/etc/traxd/traxd.env" in where_to_put(env, "systemd-system", user)
+    assert "EnvironmentVariables" in where_to_put(env, "launchd")
+    assert "export DEEPSEEK_API_KEY=" in where_to_put(env, "none")
+    assert where_to_put(in_file, "systemd-user").startswith(f"put the key in {tmp_path / 'k'}")
+
+
+def user_config(tmp_path: Path) -> Path:
+    """Where `traxd doctor` looks for the config of the user of `doctor_env`."""
+    folder = tmp_path / "cfg" / "traxd"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / "traxd.toml"
+
+
+def doctor_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """A user whose config is in ~/.config (a temporary one), as `traxd doctor` finds it."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRAXD_CONFIG", "INVOCATION_ID")}
+    return {**env, "XDG_RUNTIME_DIR": str(tmp_path / "run"),
+            "XDG_CONFIG_HOME": str(tmp_path / "cfg"), "COLUMNS": "250", **extra}
+
+
+def test_doctor_compares_this_shell_with_the_running_daemon(short_tmp: Path) -> None:
+    # Given a daemon whose enhance key is a variable it was started without, and whose
+    # transcription key is a file not written yet
+    key_file = short_tmp / "openai.key"
+    config = write_config(
+        user_config(short_tmp), base_daemon(short_tmp),
+        [{"name": "talks", "path": str(short_tmp / "talks" / "inbox"),
+          "pipeline": ["preprocess", "transcribe", "enhance"]}],
+        transcribe={"backend": "openai", "base_url": "https://api.example.org/v1",
+                    "api_key_file": str(key_file)},
+        enhance={"api_key_env": "TRAXD_TEST_DOCTOR_KEY"})
+    daemon = DaemonProcess(config, short_tmp / "daemon.log",
+                           env={**doctor_env(short_tmp), "INVOCATION_ID": ""}).start()
+    shell = doctor_env(short_tmp, TRAXD_TEST_DOCTOR_KEY=SECRET)
+    try:
+        # When doctor runs, without --config, in a shell that has the variable
+        first = run_traxd(shell, "doctor")
+        key_file.write_text(SECRET + "\n")
+        second = run_traxd(shell, "doctor")
+    finally:
+        daemon.stop()
+    # Then it shows both views: the shell has the key, the daemon does not, and where
+    # the daemon's key goes; it fails, and never shows a key
+    assert first.returncode == 1, first.stdout + first.stderr
+    rows = table_rows(first.stdout, "enhance: TRAXD_TEST_DOCTOR_KEY")
+    assert rows[0] == "key set"
+    assert rows[1].startswith("no key (not set) -> export TRAXD_TEST_DOCTOR_KEY=")
+    assert daemon.proc is not None and f"pid {daemon.proc.pid}" in first.stdout
+    assert "the running daemon lacks 2 API keys" in first.stdout
+    file_row = table_rows(first.stdout, f"transcribe: file {key_file}")
+    assert file_row[0].startswith("no key (cannot read it")
+    assert f"-> put the key in {key_file}" in file_row[1]
+    # And once the key is in the file, both see it there; the variable is still missing
+    assert table_rows(second.stdout, f"transcribe: file {key_file}") == ["key set", "key set"]
+    assert "the running daemon lacks 1 API key " in second.stdout
+    assert SECRET not in first.stdout + second.stdout + daemon.log_text()
+
+
+def run_traxd(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "traxd", *args], capture_output=True,
+                          text=True, timeout=60, check=False, env=env)
+
+
+def table_rows(text: str, label: str) -> list[str]:
+    """The other cells of the keys table's row for `label`."""
+    line = next(line for line in text.splitlines() if f"│ {label} " in line)
+    cells = [cell.strip() for cell in line.strip().strip("│").split("│")]
+    assert cells[0] == label, cells
+    return cells[1:]
+
+
+def test_doctor_says_when_no_daemon_runs(short_tmp: Path) -> None:
+    write_config(user_config(short_tmp), base_daemon(short_tmp),
+                 [{"name": "talks", "path": str(short_tmp / "talks" / "inbox")}])
+    result = run_traxd(doctor_env(short_tmp), "doctor")
+    assert "running daemon: not asked: traxd is not running" in result.stdout, result.stdout

@@ -107,6 +107,9 @@ class StatusHandler:
     async def retry(self, names: list[str] | None) -> dict[str, Any]:
         return {}
 
+    async def keys(self) -> dict[str, Any]:
+        return {"keys": []}
+
 
 def test_watch_renders_the_live_status(short_tmp: Path) -> None:
     path = short_tmp / "traxd.sock"

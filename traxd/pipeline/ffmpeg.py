@@ -252,6 +252,20 @@ async def probe(path: Path, tools: Tools, limits: ProcessLimits,
     return info
 
 
+PROBE_TIMEOUT = 10.0  # seconds for ffprobe to read a header
+
+
+async def header_duration(path: Path, tools: Tools) -> float | None:
+    """The duration a file's header states (ffprobe; nothing is decoded); None when there
+    is no ffprobe, or the file says none or cannot be read."""
+    if tools.ffprobe is None:
+        return None
+    try:
+        return (await _ffprobe(path, tools, ProcessLimits(timeout=PROBE_TIMEOUT))).duration
+    except (TraxdError, OSError):
+        return None
+
+
 async def _ffprobe(path: Path, tools: Tools, limits: ProcessLimits) -> MediaInfo:
     assert tools.ffprobe is not None
     argv = [tools.ffprobe, "-hide_banner", "-v", "error", "-print_format", "json",
