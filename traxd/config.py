@@ -83,8 +83,10 @@ class TranscribeSettings:
     word_timestamps: bool = False  # words with their times in the json output
     max_line_width: int | None = None  # srt/vtt: characters per line; None: no limit
     max_line_count: int | None = None  # srt/vtt: lines per cue; None: no limit
-    # "beside": <name>.<lang>.srt/.vtt also beside the original in done/ (media servers)
-    subtitles: Literal["outputs", "beside"] = "outputs"
+    # "beside": <name>.<lang>.srt/.vtt also beside the original in done/ (media servers);
+    # "library": also under `library`, at the original's path relative to its inbox
+    subtitles: Literal["outputs", "beside", "library"] = "outputs"
+    library: Path | None = None  # the folder a media server reads (Plex, Jellyfin, Emby)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compute_type: str = "int8"
     processes: int = 0  # 0: chosen from the CPU count
@@ -444,7 +446,8 @@ _TRANSCRIBE: dict[str, Converter] = {
     **_API, "backend": _choice("local", "openai"), "model": _STR, "language": _STR,
     "chunk_seconds": _positive_duration, "beam_size": _INT_MIN1, "vad_filter": _BOOL,
     "word_timestamps": _BOOL, "max_line_width": _typed(int, minimum=10),
-    "max_line_count": _INT_MIN1, "subtitles": _choice("outputs", "beside"),
+    "max_line_count": _INT_MIN1, "subtitles": _choice("outputs", "beside", "library"),
+    "library": _path,
     "device": _choice("auto", "cpu", "cuda"), "compute_type": _STR, "processes": _NONNEG_INT,
     "threads": _NONNEG_INT, "idle_unload_seconds": _positive_duration, "base_url": _STR,
 }
@@ -538,13 +541,14 @@ def parse_settings(raw: Mapping[str, Any], *, source: Path | None = None) -> Set
     daemon = section("daemon").build(DaemonSettings, _anchored(_DAEMON, base))
     inboxes = _inboxes(where, raw.get("inbox", []), folders, base, raw)
     _check_places(where, daemon.state_dir, inboxes, folders)
+    transcribe = section("transcribe").build(TranscribeSettings, _anchored(_TRANSCRIBE, base))
+    _shelved(where, "transcribe", _spoken(where, "transcribe", transcribe))
+    _check_libraries(where, transcribe, inboxes, folders)
     return Settings(
         daemon=daemon,
         folders=folders,
         inboxes=inboxes,
-        transcribe=_spoken(where, "transcribe",
-                           section("transcribe").build(TranscribeSettings,
-                                                       _anchored(_TRANSCRIBE, base))),
+        transcribe=transcribe,
         enhance=section("enhance").build(EnhanceSettings, _anchored(_ENHANCE, base)),
         download=section("download").build(DownloadSettings, _anchored(_DOWNLOAD, base)),
         cluster=section("cluster").build(ClusterSettings, _anchored(_CLUSTER, base)),
@@ -595,17 +599,32 @@ def _inbox_sections(where: str, prefix: str, sec: _Section, raw: Mapping[str, An
         given = own.build(cls, _anchored(converters, base))
         common = _Section(where, name, raw.get(name, {})).build(cls, _anchored(converters, base))
         built[name] = dataclasses.replace(common, **{k: getattr(given, k) for k in own.table})
-    if "subtitles" in sec.table:  # `subtitles = "beside"` in [[inbox]]: its [inbox.transcribe]
-        try:
-            mode = _TRANSCRIBE["subtitles"](sec.table.pop("subtitles"))
-        except ValueError as exc:
-            raise ConfigError(where, f"{prefix}.subtitles", str(exc)) from exc
+    # `subtitles = "beside"` and `library = "..."` in [[inbox]]: keys of its [inbox.transcribe]
+    placing = _Section(where, prefix, {k: sec.table.pop(k) for k in _INBOX_SUBTITLE_KEYS
+                                       if k in sec.table})
+    if placing.table:
+        given = placing.build(TranscribeSettings, _anchored(_TRANSCRIBE, base))
         common = built.get("transcribe") or _Section(where, "transcribe", raw.get(
             "transcribe", {})).build(TranscribeSettings, _anchored(_TRANSCRIBE, base))
-        built["transcribe"] = dataclasses.replace(common, subtitles=mode)
+        built["transcribe"] = dataclasses.replace(
+            common, **{k: getattr(given, k) for k in placing.table})
     if "transcribe" in built:
         _spoken(where, f"{prefix}.transcribe", built["transcribe"])
+        _shelved(where, prefix, built["transcribe"])
     return built
+
+
+_INBOX_SUBTITLE_KEYS = ("subtitles", "library")
+
+
+def _shelved(where: str, prefix: str, settings: TranscribeSettings) -> TranscribeSettings:
+    """`subtitles = "library"` needs the library folder to put them in."""
+    if settings.subtitles == "library" and settings.library is None:
+        raise ConfigError(where, f"{prefix}.subtitles", 'subtitles = "library" puts them '
+                          "under the folder a media server reads: name it with library = "
+                          '"/srv/media/films" beside this key (or subtitles = "beside" for '
+                          "next to the original in done/)")
+    return settings
 
 
 def _spoken(where: str, prefix: str, settings: TranscribeSettings) -> TranscribeSettings:
@@ -651,6 +670,26 @@ def _check_places(where: str, state_dir: Path, inboxes: tuple[InboxSettings, ...
                        for t in theirs.values()):
                     raise ConfigError(where, f"inbox[{index}].path", f"its {role} folder "
                                       f"{place} overlaps the folders of inbox {other.name!r}")
+
+
+def _check_libraries(where: str, common: TranscribeSettings,
+                     inboxes: tuple[InboxSettings, ...], folders: FolderNames) -> None:
+    """A library folder inside an inbox (or its processing/ folder) would have traxd take
+    its own subtitles as new work."""
+    for index, inbox in enumerate(inboxes):
+        own = inbox.transcribe or common
+        if own.subtitles != "library" or own.library is None:
+            continue
+        library = own.library.resolve()
+        for other in inboxes:
+            family = _family(other, folders)
+            for role in ("inbox", "processing"):
+                if library.is_relative_to(family[role]):
+                    key = f"inbox[{index}].library" if inbox.transcribe else "transcribe.library"
+                    raise ConfigError(where, key, f"{library} is inside the {role} folder of "
+                                      f"inbox {other.name!r}, where traxd would take the "
+                                      "subtitles as new files: name the media server's "
+                                      "library folder")
 
 
 def with_overrides(settings: Settings, **daemon: Any) -> Settings:

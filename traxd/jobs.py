@@ -185,7 +185,9 @@ class JobRunner:
         self.redactor = Redactor.of_environment(settings.key_variables,
                                                files=settings.key_files)
         for inbox in settings.inboxes:
-            self.mover.folders[inbox.name] = InboxFolders.of(inbox, settings.folders)
+            own = settings.for_inbox(inbox.name).transcribe
+            library = own.library if own.subtitles == "library" else None
+            self.mover.folders[inbox.name] = InboxFolders.of(inbox, settings.folders, library)
 
     @property
     def folders(self) -> dict[str, InboxFolders]:

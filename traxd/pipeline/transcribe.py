@@ -442,7 +442,7 @@ class TranscribeStep:
                             tuple(w["message"] for w in file_warnings))
         artifacts = write_formats(transcript, ctx.formats, out, ctx.job.stem, source,
                                   subtitle_options(ctx.settings.transcribe))
-        if ctx.settings.transcribe.subtitles == "beside":
+        if ctx.settings.transcribe.subtitles in ("beside", "library"):
             artifacts.update(beside(artifacts, ctx.job.stem, transcript.language))
         artifacts.update(write_warnings(out, ctx.job.stem, ctx.job.name, file_warnings))
         warnings = quality_warnings(transcript)
