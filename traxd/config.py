@@ -18,7 +18,7 @@ from traxd.errors import ConfigError
 
 StepSpec = str | tuple[str, ...]  # a step name, or the argv template of a command step
 
-STEP_NAMES = ("download", "preprocess", "transcribe", "enhance")
+STEP_NAMES = ("download", "preprocess", "transcribe", "enhance", "mux")
 FORMATS = ("txt", "srt", "vtt", "json")
 
 
@@ -578,6 +578,7 @@ def _inboxes(where: str, tables: object, folders: FolderNames, base: Path,
         if inbox.path.name in vars(folders).values():
             raise ConfigError(where, f"{prefix}.path", "an inbox cannot be named like a sibling")
         _check_no_overlap(where, prefix, inbox, inboxes)
+        _check_mux(where, prefix, inbox)
         inboxes.append(inbox)
     return tuple(inboxes)
 
@@ -636,6 +637,19 @@ def _spoken(where: str, prefix: str, settings: TranscribeSettings) -> Transcribe
                           f"English; for {settings.language!r} name a multilingual model "
                           "(e.g. model = \"small\")")
     return settings
+
+
+def _check_mux(where: str, prefix: str, inbox: InboxSettings) -> None:
+    """`mux` adds the srt that transcribe wrote before it."""
+    if "mux" not in inbox.pipeline:
+        return
+    before = inbox.pipeline[:inbox.pipeline.index("mux")]
+    if "transcribe" not in before:
+        raise ConfigError(where, f"{prefix}.pipeline", "mux adds the subtitles of the "
+                          "transcribe step into the video: put transcribe before mux")
+    if "srt" not in inbox.formats:
+        raise ConfigError(where, f"{prefix}.formats", "mux adds the srt into the video: "
+                          "add \"srt\" to the formats")
 
 
 def _check_no_overlap(

@@ -34,7 +34,7 @@ from traxd.pipeline.registry import step_label
 from traxd.stages import ClaimStage, FinishStage
 
 # Steps whose failure is a warning on the file, not its failure: what came before is kept.
-OPTIONAL_STEPS = frozenset({"enhance"})
+OPTIONAL_STEPS = frozenset({"enhance", "mux"})
 
 
 class Outcome(str, Enum):
