@@ -76,7 +76,8 @@ class InboxSettings:
 class TranscribeSettings:
     backend: Literal["local", "openai"] = "local"
     model: str = "tiny.en"
-    language: str | None = None
+    language: str | None = None  # what is spoken; None: detected (English for *.en models)
+    task: Literal["transcribe", "translate"] = "transcribe"  # translate: English text
     chunk_seconds: float = 600.0
     beam_size: int = 5  # faster-whisper's own; 1: ~20 % less time, ~28 % more word errors
     vad_filter: bool = True  # local: skip non-speech (silence makes whisper invent words)
@@ -444,6 +445,7 @@ _API = {"requests_per_minute": _NONNEG_INT, "max_concurrent": _INT_MIN1,
         "timeout": _positive_duration, "api_key_env": _STR, "api_key_file": _path}
 _TRANSCRIBE: dict[str, Converter] = {
     **_API, "backend": _choice("local", "openai"), "model": _STR, "language": _STR,
+    "task": _choice("transcribe", "translate"),
     "chunk_seconds": _positive_duration, "beam_size": _INT_MIN1, "vad_filter": _BOOL,
     "word_timestamps": _BOOL, "max_line_width": _typed(int, minimum=10),
     "max_line_count": _INT_MIN1, "subtitles": _choice("outputs", "beside", "library"),
@@ -630,12 +632,18 @@ def _shelved(where: str, prefix: str, settings: TranscribeSettings) -> Transcrib
 
 def _spoken(where: str, prefix: str, settings: TranscribeSettings) -> TranscribeSettings:
     """A language other than English with an English-only local model (tiny.en, base.en)
-    would be transcribed as English: refused."""
-    english_only = Path(settings.model).name.endswith(".en")
+    would be transcribed as English, and such a model cannot translate: both refused."""
+    # The openai backend's default model (the unchanged "tiny.en") is whisper-1.
+    english_only = Path(settings.model).name.endswith(".en") and not (
+        settings.backend == "openai" and settings.model == "tiny.en")
     if settings.backend == "local" and english_only and settings.language not in (None, "en"):
         raise ConfigError(where, f"{prefix}.language", f"model {settings.model!r} knows only "
                           f"English; for {settings.language!r} name a multilingual model "
                           "(e.g. model = \"small\")")
+    if settings.task == "translate" and english_only:
+        raise ConfigError(where, f"{prefix}.task", f"model {settings.model!r} knows only "
+                          "English and cannot translate into it: name a multilingual model "
+                          "(e.g. model = \"small\"), or remove task = \"translate\"")
     return settings
 
 
