@@ -18,7 +18,7 @@ from traxd.errors import ConfigError
 
 StepSpec = str | tuple[str, ...]  # a step name, or the argv template of a command step
 
-STEP_NAMES = ("download", "preprocess", "transcribe", "enhance")
+STEP_NAMES = ("download", "preprocess", "transcribe", "enhance", "mux")
 FORMATS = ("txt", "srt", "vtt", "json")
 
 
@@ -76,15 +76,18 @@ class InboxSettings:
 class TranscribeSettings:
     backend: Literal["local", "openai"] = "local"
     model: str = "tiny.en"
-    language: str | None = None
+    language: str | None = None  # what is spoken; None: detected (English for *.en models)
+    task: Literal["transcribe", "translate"] = "transcribe"  # translate: English text
     chunk_seconds: float = 600.0
     beam_size: int = 5  # faster-whisper's own; 1: ~20 % less time, ~28 % more word errors
     vad_filter: bool = True  # local: skip non-speech (silence makes whisper invent words)
     word_timestamps: bool = False  # words with their times in the json output
     max_line_width: int | None = None  # srt/vtt: characters per line; None: no limit
     max_line_count: int | None = None  # srt/vtt: lines per cue; None: no limit
-    # "beside": <name>.<lang>.srt/.vtt also beside the original in done/ (media servers)
-    subtitles: Literal["outputs", "beside"] = "outputs"
+    # "beside": <name>.<lang>.srt/.vtt also beside the original in done/ (media servers);
+    # "library": also under `library`, at the original's path relative to its inbox
+    subtitles: Literal["outputs", "beside", "library"] = "outputs"
+    library: Path | None = None  # the folder a media server reads (Plex, Jellyfin, Emby)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compute_type: str = "int8"
     processes: int = 0  # 0: chosen from the CPU count
@@ -442,9 +445,11 @@ _API = {"requests_per_minute": _NONNEG_INT, "max_concurrent": _INT_MIN1,
         "timeout": _positive_duration, "api_key_env": _STR, "api_key_file": _path}
 _TRANSCRIBE: dict[str, Converter] = {
     **_API, "backend": _choice("local", "openai"), "model": _STR, "language": _STR,
+    "task": _choice("transcribe", "translate"),
     "chunk_seconds": _positive_duration, "beam_size": _INT_MIN1, "vad_filter": _BOOL,
     "word_timestamps": _BOOL, "max_line_width": _typed(int, minimum=10),
-    "max_line_count": _INT_MIN1, "subtitles": _choice("outputs", "beside"),
+    "max_line_count": _INT_MIN1, "subtitles": _choice("outputs", "beside", "library"),
+    "library": _path,
     "device": _choice("auto", "cpu", "cuda"), "compute_type": _STR, "processes": _NONNEG_INT,
     "threads": _NONNEG_INT, "idle_unload_seconds": _positive_duration, "base_url": _STR,
 }
@@ -538,13 +543,14 @@ def parse_settings(raw: Mapping[str, Any], *, source: Path | None = None) -> Set
     daemon = section("daemon").build(DaemonSettings, _anchored(_DAEMON, base))
     inboxes = _inboxes(where, raw.get("inbox", []), folders, base, raw)
     _check_places(where, daemon.state_dir, inboxes, folders)
+    transcribe = section("transcribe").build(TranscribeSettings, _anchored(_TRANSCRIBE, base))
+    _shelved(where, "transcribe", _spoken(where, "transcribe", transcribe))
+    _check_libraries(where, transcribe, inboxes, folders)
     return Settings(
         daemon=daemon,
         folders=folders,
         inboxes=inboxes,
-        transcribe=_spoken(where, "transcribe",
-                           section("transcribe").build(TranscribeSettings,
-                                                       _anchored(_TRANSCRIBE, base))),
+        transcribe=transcribe,
         enhance=section("enhance").build(EnhanceSettings, _anchored(_ENHANCE, base)),
         download=section("download").build(DownloadSettings, _anchored(_DOWNLOAD, base)),
         cluster=section("cluster").build(ClusterSettings, _anchored(_CLUSTER, base)),
@@ -574,6 +580,7 @@ def _inboxes(where: str, tables: object, folders: FolderNames, base: Path,
         if inbox.path.name in vars(folders).values():
             raise ConfigError(where, f"{prefix}.path", "an inbox cannot be named like a sibling")
         _check_no_overlap(where, prefix, inbox, inboxes)
+        _check_mux(where, prefix, inbox)
         inboxes.append(inbox)
     return tuple(inboxes)
 
@@ -595,28 +602,62 @@ def _inbox_sections(where: str, prefix: str, sec: _Section, raw: Mapping[str, An
         given = own.build(cls, _anchored(converters, base))
         common = _Section(where, name, raw.get(name, {})).build(cls, _anchored(converters, base))
         built[name] = dataclasses.replace(common, **{k: getattr(given, k) for k in own.table})
-    if "subtitles" in sec.table:  # `subtitles = "beside"` in [[inbox]]: its [inbox.transcribe]
-        try:
-            mode = _TRANSCRIBE["subtitles"](sec.table.pop("subtitles"))
-        except ValueError as exc:
-            raise ConfigError(where, f"{prefix}.subtitles", str(exc)) from exc
+    # `subtitles = "beside"` and `library = "..."` in [[inbox]]: keys of its [inbox.transcribe]
+    placing = _Section(where, prefix, {k: sec.table.pop(k) for k in _INBOX_SUBTITLE_KEYS
+                                       if k in sec.table})
+    if placing.table:
+        given = placing.build(TranscribeSettings, _anchored(_TRANSCRIBE, base))
         common = built.get("transcribe") or _Section(where, "transcribe", raw.get(
             "transcribe", {})).build(TranscribeSettings, _anchored(_TRANSCRIBE, base))
-        built["transcribe"] = dataclasses.replace(common, subtitles=mode)
+        built["transcribe"] = dataclasses.replace(
+            common, **{k: getattr(given, k) for k in placing.table})
     if "transcribe" in built:
         _spoken(where, f"{prefix}.transcribe", built["transcribe"])
+        _shelved(where, prefix, built["transcribe"])
     return built
+
+
+_INBOX_SUBTITLE_KEYS = ("subtitles", "library")
+
+
+def _shelved(where: str, prefix: str, settings: TranscribeSettings) -> TranscribeSettings:
+    """`subtitles = "library"` needs the library folder to put them in."""
+    if settings.subtitles == "library" and settings.library is None:
+        raise ConfigError(where, f"{prefix}.subtitles", 'subtitles = "library" puts them '
+                          "under the folder a media server reads: name it with library = "
+                          '"/srv/media/films" beside this key (or subtitles = "beside" for '
+                          "next to the original in done/)")
+    return settings
 
 
 def _spoken(where: str, prefix: str, settings: TranscribeSettings) -> TranscribeSettings:
     """A language other than English with an English-only local model (tiny.en, base.en)
-    would be transcribed as English: refused."""
-    english_only = Path(settings.model).name.endswith(".en")
+    would be transcribed as English, and such a model cannot translate: both refused."""
+    # The openai backend's default model (the unchanged "tiny.en") is whisper-1.
+    english_only = Path(settings.model).name.endswith(".en") and not (
+        settings.backend == "openai" and settings.model == "tiny.en")
     if settings.backend == "local" and english_only and settings.language not in (None, "en"):
         raise ConfigError(where, f"{prefix}.language", f"model {settings.model!r} knows only "
                           f"English; for {settings.language!r} name a multilingual model "
                           "(e.g. model = \"small\")")
+    if settings.task == "translate" and english_only:
+        raise ConfigError(where, f"{prefix}.task", f"model {settings.model!r} knows only "
+                          "English and cannot translate into it: name a multilingual model "
+                          "(e.g. model = \"small\"), or remove task = \"translate\"")
     return settings
+
+
+def _check_mux(where: str, prefix: str, inbox: InboxSettings) -> None:
+    """`mux` adds the srt that transcribe wrote before it."""
+    if "mux" not in inbox.pipeline:
+        return
+    before = inbox.pipeline[:inbox.pipeline.index("mux")]
+    if "transcribe" not in before:
+        raise ConfigError(where, f"{prefix}.pipeline", "mux adds the subtitles of the "
+                          "transcribe step into the video: put transcribe before mux")
+    if "srt" not in inbox.formats:
+        raise ConfigError(where, f"{prefix}.formats", "mux adds the srt into the video: "
+                          "add \"srt\" to the formats")
 
 
 def _check_no_overlap(
@@ -651,6 +692,26 @@ def _check_places(where: str, state_dir: Path, inboxes: tuple[InboxSettings, ...
                        for t in theirs.values()):
                     raise ConfigError(where, f"inbox[{index}].path", f"its {role} folder "
                                       f"{place} overlaps the folders of inbox {other.name!r}")
+
+
+def _check_libraries(where: str, common: TranscribeSettings,
+                     inboxes: tuple[InboxSettings, ...], folders: FolderNames) -> None:
+    """A library folder inside an inbox (or its processing/ folder) would have traxd take
+    its own subtitles as new work."""
+    for index, inbox in enumerate(inboxes):
+        own = inbox.transcribe or common
+        if own.subtitles != "library" or own.library is None:
+            continue
+        library = own.library.resolve()
+        for other in inboxes:
+            family = _family(other, folders)
+            for role in ("inbox", "processing"):
+                if library.is_relative_to(family[role]):
+                    key = f"inbox[{index}].library" if inbox.transcribe else "transcribe.library"
+                    raise ConfigError(where, key, f"{library} is inside the {role} folder of "
+                                      f"inbox {other.name!r}, where traxd would take the "
+                                      "subtitles as new files: name the media server's "
+                                      "library folder")
 
 
 def with_overrides(settings: Settings, **daemon: Any) -> Settings:

@@ -31,7 +31,7 @@ DISK_FAIL_BYTES = 1 * GIB
 DISK_WARN_BYTES = 5 * GIB
 INOTIFY = Path("/proc/sys/fs/inotify")
 _STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red"}
-_MEDIA_STEPS = frozenset({"download", "preprocess", "transcribe"})
+_MEDIA_STEPS = frozenset({"download", "preprocess", "transcribe", "mux"})
 
 
 @dataclass(frozen=True)

@@ -30,12 +30,14 @@ class InboxFolders:
     done: Path
     outputs: Path
     failed: Path
+    library: Path | None = None  # subtitles go here (not beside the original); not traxd's
 
     @classmethod
-    def of(cls, inbox: InboxSettings, names: FolderNames) -> InboxFolders:
+    def of(cls, inbox: InboxSettings, names: FolderNames,
+           library: Path | None = None) -> InboxFolders:
         root = inbox.path.parent
         return cls(inbox.path, root / names.processing, root / names.done,
-                   root / names.outputs, root / names.failed)
+                   root / names.outputs, root / names.failed, library)
 
     def all(self) -> tuple[Path, ...]:
         return (self.inbox, self.processing, self.done, self.outputs, self.failed)

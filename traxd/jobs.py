@@ -36,7 +36,7 @@ from traxd.stages import ClaimStage, FinishStage
 
 # Steps whose failure is a warning on the file, not its failure: what came before is kept;
 # while such a step waits for its paused backend, what came before is published already.
-OPTIONAL_STEPS = frozenset({"enhance"})
+OPTIONAL_STEPS = frozenset({"enhance", "mux"})
 
 
 class Outcome(str, Enum):
@@ -197,7 +197,9 @@ class JobRunner:
         self.redactor = Redactor.of_environment(settings.key_variables,
                                                files=settings.key_files)
         for inbox in settings.inboxes:
-            self.mover.folders[inbox.name] = InboxFolders.of(inbox, settings.folders)
+            own = settings.for_inbox(inbox.name).transcribe
+            library = own.library if own.subtitles == "library" else None
+            self.mover.folders[inbox.name] = InboxFolders.of(inbox, settings.folders, library)
 
     @property
     def folders(self) -> dict[str, InboxFolders]:

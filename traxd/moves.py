@@ -181,11 +181,14 @@ class Mover:
         folders = self.folders[ending.job.inbox]
         subdir = PurePosixPath(ending.job.rel_path).parent
         plan: dict[str, str] = dict(ending.job.outputs or {})
+        # Subtitles go where the original sits in the library, or beside it in done/ (known
+        # once it has a place: not for a partial ending).
+        like = final if folders.library is None else folders.library / ending.job.rel_path
         for key in sorted(set(ending.artifacts) - set(plan)):
             if not key.startswith(BESIDE):
                 plan[key] = str(self._take(folders.outputs, str(subdir / key), taken))
-            elif final is not None:  # beside the original: known once it has a place
-                plan[key] = str(self._beside(final, key.removeprefix(BESIDE), taken))
+            elif like is not None:
+                plan[key] = str(self._beside(like, key.removeprefix(BESIDE), taken))
         for index, spawned in enumerate(ending.spawn):
             if SPAWN_PREFIX + str(index) not in plan:
                 dest = self._take(folders.inbox, str(subdir / Path(spawned).name), taken)
@@ -199,16 +202,16 @@ class Mover:
         return dest
 
     @staticmethod
-    def _beside(final: Path, suffix: str, taken: set[Path]) -> Path:
+    def _beside(video: Path, suffix: str, taken: set[Path]) -> Path:
         """`Movie (2020).en.srt` beside `Movie (2020).mkv` (suffix ".en.srt"); when that is
         taken (a subtitle already there), `Movie (2020).traxd.en.srt`, then `.traxd2.`, …"""
-        stem = final.with_suffix("").name
+        stem = video.with_suffix("").name
         candidates = itertools.chain(
             [f"{stem}{suffix}", f"{stem}.traxd{suffix}"],
             (f"{stem}.traxd{n}{suffix}" for n in itertools.count(2)))
-        dest = next(final.with_name(name) for name in candidates
-                    if not os.path.lexists(final.with_name(name))
-                    and final.with_name(name) not in taken)
+        dest = next(video.with_name(name) for name in candidates
+                    if not os.path.lexists(video.with_name(name))
+                    and video.with_name(name) not in taken)
         taken.add(dest)
         return dest
 

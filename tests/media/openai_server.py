@@ -1,8 +1,8 @@
-"""A real HTTP server speaking the two OpenAI endpoints traxd uses, scriptable for faults.
+"""A real HTTP server speaking the OpenAI endpoints traxd uses, scriptable for faults.
 
-POST /v1/audio/transcriptions (multipart) and POST /v1/chat/completions (JSON). Replies
-queued in `script` are sent first, in order (e.g. a 429 with Retry-After, a 500, a 401);
-otherwise `transcribe` and `chat` make the answer.
+POST /v1/audio/transcriptions and /v1/audio/translations (multipart), POST
+/v1/chat/completions (JSON). Replies queued in `script` are sent first, in order (e.g. a
+429 with Retry-After, a 500, a 401); otherwise `transcribe` and `chat` make the answer.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ class FakeOpenAI:
             self.requests.append(request)
             if self.script:
                 return self.script.popleft()
-        if request.path.endswith("/audio/transcriptions"):
+        if request.path.endswith(("/audio/transcriptions", "/audio/translations")):
             return self.transcribe(request)
         if request.path.endswith("/chat/completions"):
             return _completion(self.chat(request.user_text))

@@ -438,10 +438,37 @@ def test_subtitles_beside_is_an_inbox_key(tmp_path: Path) -> None:
         'name = "talks"', 'name = "talks"\nsubtitles = "beside"'))
     assert settings.for_inbox("talks").transcribe.subtitles == "beside"
     assert settings.for_inbox("films").transcribe.subtitles == "outputs"
+
+
+def test_a_library_is_an_inbox_key_read_against_the_config(tmp_path: Path) -> None:
+    # Given one inbox with its library beside the config, and one on the global settings
+    settings = load(tmp_path, INBOX_CONFIG.replace(
+        'name = "talks"', 'name = "talks"\nsubtitles = "library"\nlibrary = "media/talks"'))
+    # Then the relative folder is read against the config file's, for that inbox only
+    talks = settings.for_inbox("talks").transcribe
+    assert (talks.subtitles, talks.library) == ("library", tmp_path / "media" / "talks")
+    assert settings.for_inbox("films").transcribe.library is None
+    # And the beam of the global [transcribe] still holds for it
+    assert talks.beam_size == 2
+
+
+@pytest.mark.parametrize(("text", "key", "why"), [
+    ('[[inbox]]\nname = "a"\npath = "{root}/a/inbox"\nsubtitles = "library"\n',
+     "inbox[0].subtitles", "library = "),
+    ('[transcribe]\nsubtitles = "library"\n', "transcribe.subtitles", "library = "),
+    ('[[inbox]]\nname = "a"\npath = "{root}/a/inbox"\nsubtitles = "library"\n'
+     'library = "{root}/a/inbox/subs"\n', "inbox[0].library", "inside the inbox folder"),
+    ('[transcribe]\nsubtitles = "library"\nlibrary = "{root}/b/processing"\n'
+     '[[inbox]]\nname = "b"\npath = "{root}/b/inbox"\n', "transcribe.library",
+     "inside the processing folder of inbox 'b'"),
+    ('[[inbox]]\nname = "a"\npath = "{root}/a/inbox"\nlibrary = 3\n', "inbox[0].library",
+     "expected a path"),
+])
+def test_a_library_without_a_usable_folder_is_refused(tmp_path: Path, text: str, key: str,
+                                                      why: str) -> None:
     with pytest.raises(ConfigError) as caught:
-        load(tmp_path, f'[[inbox]]\nname = "a"\npath = "{tmp_path}/a/inbox"\n'
-                       'subtitles = "library"\n')
-    assert caught.value.key == "inbox[0].subtitles"
+        load(tmp_path, text)
+    assert (caught.value.key, why in caught.value.why) == (key, True), caught.value.why
 
 
 @pytest.mark.slow
@@ -480,6 +507,49 @@ def test_subtitles_land_beside_the_video_and_never_over_one_there(
     assert wer(SPEECH_TEXT, " ".join(" ".join(c[2]) for c in srt_cues(ours.read_text()))) <= 0.3
     assert (root / "done" / "speech.en.vtt").read_text().startswith("WEBVTT")
     # And the outputs folder has the usual files, nothing of the beside copies
+    assert files_under(root / "outputs") == sorted([
+        f"{film}/{film}.srt", f"{film}/{film}.vtt", "speech.srt", "speech.vtt"])
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_subtitles_land_in_the_library_at_the_videos_place_and_never_over_one_there(
+        media: Media, tmp_path: Path) -> None:
+    # Given an inbox whose subtitles go into a media server's library, where the film is
+    # already, with an English subtitle of its own
+    root, library = tmp_path / "films", tmp_path / "library" / "Films"
+    config = write_config(
+        tmp_path / "traxd.toml", base_daemon(tmp_path),
+        [{"name": "films", "path": str(root / "inbox"), "pipeline": ["preprocess", "transcribe"],
+          "formats": ["srt", "vtt"], "subtitles": "library", "library": str(library)}],
+        transcribe={"backend": "local", "model": "tiny.en", "processes": 1, "threads": 1})
+    film = "Movie (2020)"
+    theirs = library / film / f"{film}.en.srt"
+    theirs.parent.mkdir(parents=True)
+    shutil.copyfile(media["speech.mp4"], library / film / f"{film}.mp4")
+    theirs.write_text("1\n00:00:00,000 --> 00:00:01,000\nsomeone else's\n")
+    with running_daemon(config, tmp_path / "log") as daemon:
+        # When that film (in a folder of its name) and another video are dropped
+        (root / "inbox" / film).mkdir(parents=True)
+        shutil.copyfile(media["speech.mp4"], root / f"{film}.mp4")
+        (root / f"{film}.mp4").rename(root / "inbox" / film / f"{film}.mp4")
+        drop(media["speech.mp4"], root / "inbox")
+        wait_until(lambda: (len(files_under(root / "done")) >= 2
+                            and len(files_under(library)) >= 6) or files_under(root / "failed"),
+                   240, interval=0.2, message="both videos finished")
+        log = daemon.log_text()
+    # Then each video's subtitles are in the library at its relative path under the
+    # media-server name; the one that was there is untouched, and ours took the next name
+    assert files_under(library) == sorted([
+        f"{film}/{film}.mp4", f"{film}/{film}.en.srt", f"{film}/{film}.traxd.en.srt",
+        f"{film}/{film}.en.vtt", "speech.en.srt", "speech.en.vtt"]), log[-3000:]
+    assert "someone else's" in theirs.read_text()
+    ours = library / film / f"{film}.traxd.en.srt"
+    assert ours.read_text() == (root / "outputs" / film / f"{film}.srt").read_text()
+    assert wer(SPEECH_TEXT, " ".join(" ".join(c[2]) for c in srt_cues(ours.read_text()))) <= 0.3
+    assert (library / "speech.en.vtt").read_text().startswith("WEBVTT")
+    # And done/ holds the originals only, outputs/ the usual files
+    assert files_under(root / "done") == sorted([f"{film}/{film}.mp4", "speech.mp4"])
     assert files_under(root / "outputs") == sorted([
         f"{film}/{film}.srt", f"{film}/{film}.vtt", "speech.srt", "speech.vtt"])
 

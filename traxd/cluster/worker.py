@@ -65,8 +65,9 @@ def worker_settings(own: Settings, request: StepRequest) -> Settings:
     section = getattr(own, label)
     names = {f.name for f in dataclasses.fields(section)}
     theirs = {k: v for k, v in request.settings.items() if k in names and k not in MACHINE_KEYS}
-    if label == "download" and theirs.get("archive") is not None:
-        theirs["archive"] = Path(theirs["archive"])
+    for key in ("archive", "library"):  # download's archive, transcribe's library
+        if theirs.get(key) is not None:
+            theirs[key] = Path(theirs[key])
     return dataclasses.replace(own, **{label: dataclasses.replace(section, **theirs)})
 
 

@@ -60,9 +60,10 @@ class StepContext:
 # later steps fail is not refused as "already downloaded" when the file is retried.
 RECORD_WHEN_DONE = "record_when_done"
 
-# An artifact whose name starts with this goes beside the original's final place in done/,
-# not into outputs/: "beside:.en.srt" for `Movie (2020).mkv` becomes `Movie (2020).en.srt`
-# (what Plex, Jellyfin and Emby look for), or another name when that one is taken.
+# An artifact whose name starts with this goes beside the original's final place in done/
+# (or its place in the inbox's library folder), not into outputs/: "beside:.en.srt" for
+# `Movie (2020).mkv` becomes `Movie (2020).en.srt` (what Plex, Jellyfin and Emby look for),
+# or another name when that one is taken.
 BESIDE = "beside:"
 
 

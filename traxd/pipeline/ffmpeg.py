@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import math
@@ -93,6 +94,7 @@ class MediaInfo:
     duration: float | None  # None when the container does not say
     audio: tuple[AudioStream, ...]
     video: tuple[str, ...]  # codecs of the video streams
+    subtitles: int = 0  # how many subtitle streams it has
 
 
 @dataclass(frozen=True)
@@ -245,8 +247,8 @@ async def probe(path: Path, tools: Tools, limits: ProcessLimits,
         kind = f"video only ({', '.join(info.video)})" if info.video else "no streams"
         raise Permanent(f"{path.name} has no audio stream: {kind}", reason="no_audio")
     if info.duration is None:
-        info = MediaInfo(info.format_name, await measure_duration(path, tools, limits, stop),
-                         info.audio, info.video)
+        info = dataclasses.replace(info, duration=await measure_duration(path, tools, limits,
+                                                                          stop))
     if info.duration is not None and info.duration < MIN_DURATION:
         raise Permanent(f"{path.name} is empty audio ({info.duration:.3f} s)", reason="empty")
     return info
@@ -286,10 +288,12 @@ def parse_ffprobe(data: Mapping[str, Any]) -> MediaInfo:
     video = tuple(str(s.get("codec_name", "?")) for s in streams
                   if s.get("codec_type") == "video"
                   and not s.get("disposition", {}).get("attached_pic"))
+    subtitles = sum(1 for s in streams if s.get("codec_type") == "subtitle")
     fmt = data.get("format", {})
     durations = [float(d) for d in (fmt.get("duration"), *(s.get("duration") for s in streams))
                  if d not in (None, "N/A")]
-    return MediaInfo(str(fmt.get("format_name", "?")), max(durations, default=None), audio, video)
+    return MediaInfo(str(fmt.get("format_name", "?")), max(durations, default=None), audio, video,
+                     subtitles)
 
 
 def _audio_stream(s: Mapping[str, Any]) -> AudioStream:
@@ -304,6 +308,7 @@ def _audio_stream(s: Mapping[str, Any]) -> AudioStream:
 _INPUT = re.compile(r"^Input #0, (.+), from ", re.MULTILINE)
 _DURATION = re.compile(r"Duration: (\d+):(\d\d):(\d\d(?:\.\d+)?)")
 _STREAM = re.compile(r"Stream #0:(\d+)(\S*): (Audio|Video): ([^\s,]+)[^\n]*")
+_SUBTITLE = re.compile(r"^\s*Stream #0:\d+\S*: Subtitle: ", re.MULTILINE)
 _TAG = re.compile(r"\((\w{2,3})\)$")
 _RATE = re.compile(r", (\d+) Hz")
 _CHANNELS = {"mono": 1, "stereo": 2}
@@ -336,7 +341,8 @@ def parse_ffmpeg_banner(text: str) -> MediaInfo:
         language = tag[1] if tag and tag[1] != "und" else None
         audio.append(AudioStream(int(match[1]), match[4], int(rate[1]) if rate else 0, channels,
                                  language, match[0].rstrip().endswith("(default)")))
-    return MediaInfo(fmt[1] if fmt else "?", seconds, tuple(audio), tuple(video))
+    return MediaInfo(fmt[1] if fmt else "?", seconds, tuple(audio), tuple(video),
+                     len(_SUBTITLE.findall(text)))
 
 
 async def measure_duration(path: Path, tools: Tools, limits: ProcessLimits,

@@ -66,23 +66,29 @@ class Transcript:
     language: str | None
     duration: float
     model: str
-    language_probability: float | None = None  # when the language was detected
+    language_probability: float | None = None  # when the (spoken) language was detected
+    translated_from: str | None = None  # task = "translate": what was spoken, when known
 
     @property
     def text(self) -> str:
         return " ".join(s.text.strip() for s in self.segments if s.text.strip())
 
     def to_dict(self) -> dict[str, Any]:
-        return {"language": self.language, "duration": self.duration, "model": self.model,
-                "language_probability": self.language_probability,
-                "segments": [asdict(s) for s in self.segments]}
+        data: dict[str, Any] = {
+            "language": self.language, "duration": self.duration, "model": self.model,
+            "language_probability": self.language_probability,
+            "segments": [asdict(s) for s in self.segments]}
+        if self.translated_from is not None:
+            data["translated_from"] = self.translated_from
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Transcript:
         segments = tuple(Segment.from_dict(s) for s in data["segments"])
         probability = data.get("language_probability")
         return cls(segments, data.get("language"), float(data["duration"]), str(data["model"]),
-                   None if probability is None else float(probability))
+                   None if probability is None else float(probability),
+                   data.get("translated_from"))
 
     def save(self, path: Path) -> Path:
         path.write_text(json.dumps(self.to_dict(), ensure_ascii=False), encoding="utf-8")
@@ -312,6 +318,8 @@ def to_json(transcript: Transcript, source: SourceInfo,
         "warnings": [asdict(w) for w in quality_warnings(transcript)],
         "flags": list(source.flags),
     }
+    if transcript.translated_from is not None:
+        document["translated_from"] = transcript.translated_from
     return json.dumps(document, ensure_ascii=False, indent=2) + "\n"
 
 

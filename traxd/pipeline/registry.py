@@ -16,6 +16,7 @@ BUILTIN_STEPS = {
     "preprocess": ("traxd.pipeline.ffmpeg", "PreprocessStep"),
     "transcribe": ("traxd.pipeline.transcribe", "TranscribeStep"),
     "enhance": ("traxd.pipeline.enhance", "EnhanceStep"),
+    "mux": ("traxd.pipeline.mux", "MuxStep"),
 }
 
 

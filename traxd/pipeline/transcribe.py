@@ -14,9 +14,11 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import openai
 from openai import AsyncOpenAI
@@ -161,7 +163,7 @@ class LocalBackend:
         # take theirs. Cues split at word boundaries need word times too.
         words = ts.vad_filter or ts.word_timestamps or subtitle_options(ts).splits
         return {"audio": str(audio.absolute()), "language": spoken_language(ts),
-                "beam_size": ts.beam_size, "vad_filter": ts.vad_filter,
+                "task": ts.task, "beam_size": ts.beam_size, "vad_filter": ts.vad_filter,
                 "word_timestamps": words}
 
     async def transcribe(self, audio: Path, ctx: StepContext,
@@ -256,51 +258,72 @@ class OpenAIBackend:
     async def transcribe(self, audio: Path, ctx: StepContext,
                          settings: TranscribeSettings | None = None) -> Transcript:
         check_upload_size(audio)
-        language = (settings or self.settings).language
-        kept = await asyncio.to_thread(self._kept_answer, audio, ctx.workdir, language)
+        ts = settings or self.settings
+        ask = Asking(ts.language, ts.task)
+        kept = await asyncio.to_thread(self._kept_answer, audio, ctx.workdir, ask)
         if kept.is_file():
             ctx.log.info("chunk_answer_reused", chunk=audio.name)
             transcript = await asyncio.to_thread(Transcript.load, kept)
         else:
-            transcript = await self._ask(audio, ctx, language)
+            transcript = await self._ask(audio, ctx, ask)
             await asyncio.to_thread(_keep, transcript, kept)
         ctx.progress(1.0)
         return transcript
 
-    async def _ask(self, audio: Path, ctx: StepContext, language: str | None) -> Transcript:
+    async def _ask(self, audio: Path, ctx: StepContext, ask: Asking) -> Transcript:
         try:
-            return await self.api.call(self._request(audio, language))
+            return await self.api.call(self._request(audio, ask))
         except Permanent as exc:
             if not (self._verbose and _rejects_verbose(exc)):
                 raise
             ctx.log.info("segments_unsupported", provider=self.api.provider, model=self.model)
             self._verbose = False
-            return await self.api.call(self._request(audio, language))
+            return await self.api.call(self._request(audio, ask))
 
-    def _kept_answer(self, audio: Path, workdir: Path, language: str | None) -> Path:
+    def _kept_answer(self, audio: Path, workdir: Path, ask: Asking) -> Path:
         """Where the answer for this audio, from this provider and model, is kept."""
-        digest = hashlib.sha256(json.dumps(
-            [self.api.base_url, self.model, language]).encode())
+        key: list[object] = [self.api.base_url, self.model, ask.language]
+        if ask.task != "transcribe":  # the names kept before translation existed stay valid
+            key.append(ask.task)
+        digest = hashlib.sha256(json.dumps(key).encode())
         with audio.open("rb") as data:
             digest.update(hashlib.file_digest(data, "sha256").digest())
         return workdir.parent / ANSWERS / f"{digest.hexdigest()}.json"
 
     def _request(self, audio: Path,
-                 language: str | None) -> Callable[[AsyncOpenAI], Awaitable[Transcript]]:
+                 ask: Asking) -> Callable[[AsyncOpenAI], Awaitable[Transcript]]:
         verbose, model = self._verbose, self.model
+        response_format: Literal["verbose_json", "json"] = "verbose_json" if verbose else "json"
 
         async def request(client: AsyncOpenAI) -> Transcript:
-            result: object = await client.audio.transcriptions.create(
-                file=audio, model=model,
-                response_format="verbose_json" if verbose else "json",
-                timestamp_granularities=["segment"] if verbose else openai.omit,
-                language=language or openai.omit)
+            result: object
+            if ask.task == "translate":  # /audio/translations: English text, no language
+                with warnings.catch_warnings():
+                    # OpenAI deprecates it for its own whisper-1 (shut down 2027-02-26);
+                    # the compatible servers (speaches, LocalAI, Groq) keep it.
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    call = client.audio.translations.create(
+                        file=audio, model=model, response_format=response_format)
+                result = await call
+            else:
+                result = await client.audio.transcriptions.create(
+                    file=audio, model=model, response_format=response_format,
+                    timestamp_granularities=["segment"] if verbose else openai.omit,
+                    language=ask.language or openai.omit)
             return parse_transcription(result, model)
 
         return request
 
     async def aclose(self) -> None:
         await self.api.aclose()
+
+
+@dataclass(frozen=True)
+class Asking:
+    """What one request asks a transcription API for."""
+
+    language: str | None
+    task: str = "transcribe"
 
 
 def make_backend(settings: TranscribeSettings, stall_seconds: float | None = None) -> Backend:
@@ -345,6 +368,15 @@ def fit(transcript: Transcript, limit: float) -> Transcript:
                                           end=min(max(w.end, start), end)) for w in s.words)
         segments.append(dataclasses.replace(s, start=start, end=end, words=words))
     return dataclasses.replace(transcript, segments=tuple(segments), duration=limit)
+
+
+def translated(transcript: Transcript, settings: TranscribeSettings,
+               backend: str) -> Transcript:
+    """A translation is English (subtitles are named `.en.srt`); what was spoken is kept:
+    the configured language, else what the local model detected (an API's translation
+    answer names its output's language, not the one spoken)."""
+    spoken = settings.language or (transcript.language if backend == "local" else None)
+    return dataclasses.replace(transcript, language="en", translated_from=spoken)
 
 
 def beside(artifacts: Mapping[str, Path], stem: str, language: str | None) -> dict[str, Path]:
@@ -397,6 +429,8 @@ class TranscribeStep:
         transcript = merge_chunks(parts, duration=duration)
         if transcript.language is None and (language := spoken_language(ts)):
             transcript = dataclasses.replace(transcript, language=language)
+        if ts.task == "translate":
+            transcript = translated(transcript, ts, backend.name)
         return self._publish(ctx, transcript, time.monotonic() - started, warnings)
 
     async def _chunks(
@@ -442,7 +476,7 @@ class TranscribeStep:
                             tuple(w["message"] for w in file_warnings))
         artifacts = write_formats(transcript, ctx.formats, out, ctx.job.stem, source,
                                   subtitle_options(ctx.settings.transcribe))
-        if ctx.settings.transcribe.subtitles == "beside":
+        if ctx.settings.transcribe.subtitles in ("beside", "library"):
             artifacts.update(beside(artifacts, ctx.job.stem, transcript.language))
         artifacts.update(write_warnings(out, ctx.job.stem, ctx.job.name, file_warnings))
         warnings = quality_warnings(transcript)

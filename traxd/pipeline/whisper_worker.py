@@ -39,7 +39,8 @@ def load_model(args: argparse.Namespace) -> Any:
 
 def transcribe(model: Any, label: str, request: dict[str, Any], out: TextIO) -> dict[str, Any]:
     segments, info = model.transcribe(
-        request["audio"], language=request.get("language"), beam_size=request["beam_size"],
+        request["audio"], language=request.get("language"),
+        task=request.get("task", "transcribe"), beam_size=request["beam_size"],
         vad_filter=request["vad_filter"],
         word_timestamps=bool(request.get("word_timestamps", False)))
     kept = []
