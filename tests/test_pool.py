@@ -206,14 +206,15 @@ def test_slow_steps_are_claimed_two_per_slot_ahead() -> None:
 
 
 def test_quick_steps_are_claimed_a_horizon_ahead_within_the_cap() -> None:
-    # Given 4,000 slots granted in the last second (steps of a quarter millisecond)
+    # Given 1,000 slots granted in the last second (steps of a millisecond)
     turnover = Turnover()
-    for n in range(4000):
-        turnover.granted(100.0 + n / 4000)
+    for n in range(1000):
+        turnover.granted(100.0 + n / 1000)
     # Then a horizon's worth is claimed ahead; 40,000 a second would still be capped
-    assert turnover.ahead(slots=16, now=101.0) == round(4000 * CLAIM_HORIZON)
-    for n in range(36_000):
-        turnover.granted(101.0 + n / 36_000)
+    assert 16 * AHEAD_PER_SLOT < round(1000 * CLAIM_HORIZON) < MAX_AHEAD
+    assert turnover.ahead(slots=16, now=101.0) == round(1000 * CLAIM_HORIZON)
+    for n in range(39_000):
+        turnover.granted(101.0 + n / 39_000)
     assert turnover.ahead(slots=16, now=102.0) == MAX_AHEAD
     # And a second later with no grants, the floor again
     assert turnover.ahead(slots=16, now=103.5) == 16 * AHEAD_PER_SLOT

@@ -12,6 +12,9 @@ from typing import Generic, TypeVar
 
 I = TypeVar("I")  # noqa: E741 - an item
 R = TypeVar("R")
+# A batch's most items: large enough to share a commit and an fsync widely, small enough
+# that handling one (a transition, a metric, a log line per item) keeps the loop turn short.
+MAX_BATCH = 500
 
 
 class Coalescer(Generic[I, R]):
@@ -23,7 +26,7 @@ class Coalescer(Generic[I, R]):
     """
 
     def __init__(self, handle: Callable[[Sequence[I]], Awaitable[Sequence[R | BaseException]]],
-                 max_batch: int = 2000) -> None:
+                 max_batch: int = MAX_BATCH) -> None:
         self._handle = handle
         self._max = max_batch
         self._items: list[tuple[I, asyncio.Future[R]]] = []

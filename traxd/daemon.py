@@ -216,7 +216,7 @@ class Daemon:
     async def _start(self) -> None:
         await self.open()
         await self.recover()
-        self.heap.settle(self.journal.live_count())
+        self.heap.settle(self.journal.made)
         await self._publish_known_series()
         self.http = self._start_http()
         for inbox in self.settings.inboxes:
@@ -280,7 +280,7 @@ class Daemon:
         watchdog = sdnotify.watchdog_interval()
         while True:
             self.operations.beat()
-            self.heap.look(self.journal.live_count())
+            self.heap.look(self.journal.live_count(), self.journal.made)
             self.governor.evaluate(await asyncio.to_thread(self.governor.sample))
             self.pool.wake()
             await self._rewatch(await asyncio.to_thread(self.watchers.changed))

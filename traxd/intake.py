@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from traxd import metrics
+from traxd.coalesce import MAX_BATCH
 from traxd.config import InboxSettings, Settings
 from traxd.errors import JournalError
 from traxd.folders import describe_unprocessable, folder_prefix, movable, relative_below
@@ -38,9 +39,9 @@ HASH_CHUNK = 1 << 20
 # One thread hop takes at most this many files (and a hash hop about this many bytes), so
 # that a burst flows through in a pipeline (probing, hashing and the journal overlap) and
 # the loop's share of each batch stays short.
-BATCH_FILES = 2500
+BATCH_FILES = MAX_BATCH  # files probed, settled or hashed per batch (and loop turn)
 HASH_BATCH_BYTES = 256 << 20
-APPLY_CHUNK = 250  # results applied between two yields to the loop
+APPLY_CHUNK = 100  # results applied between two yields to the loop
 
 
 def sha256_file(path: Path, buffer: bytearray | None = None) -> str:

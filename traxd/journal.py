@@ -159,6 +159,7 @@ class Journal:
         self.recent: deque[tuple[float, str]] = deque()  # (finished, inbox) of done jobs
         self.ready = ReadySet(self._is_current)
         self._next_id = last_id + 1
+        self.made = 0  # Job objects made by transitions so far (for traxd.heap)
         for row in rows:
             self._remember(Job.from_row(row), enqueue=True)
 
@@ -268,6 +269,7 @@ class Journal:
         job = Job(self._next_id, inbox, rel_path, S.SEEN, size, mtime_ns, None, priority, 0, 0,
                   None, None, None, None, 0.0, None, None, None, now, now, None, None)
         self._next_id += 1
+        self.made += 1
         self.store.write(
             "INSERT INTO jobs (id, inbox, rel_path, state, size, mtime_ns, priority, created,"
             " updated) VALUES (?, ?, ?, 'seen', ?, ?, ?, ?, ?)",
@@ -358,6 +360,7 @@ class Journal:
         state = transition.target or current.state
         columns = {"state": state, "updated": self.clock(), **changes}
         new = _evolve(current, columns)
+        self.made += 1
         self.store.write(_update_sql(tuple(columns)),
                          (*map(_column_value, columns.values()), job.id))
         requeued = transition.target is S.QUEUED

@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import Callable, Collection, Coroutine
 from typing import Any
 
+from traxd.coalesce import MAX_BATCH
 from traxd.journal import Job, Journal
 from traxd.logs import get_logger
 from traxd.throttle import Governor
@@ -27,7 +28,7 @@ from traxd.throttle import Governor
 OpenInboxes = Callable[[], Collection[str]]
 AHEAD_PER_SLOT = 2  # jobs claimed ahead per slot, at the least
 CLAIM_HORIZON = 0.25  # seconds of work claimed ahead when steps are short
-MAX_AHEAD = 2000  # a claim batch's most (the coalescer's batch size)
+MAX_AHEAD = MAX_BATCH  # a claim batch's most
 
 
 class Turnover:
