@@ -61,6 +61,10 @@ class Keys:
     def workers(self) -> str:
         return f"{self.ns}:workers"
 
+    def limit(self, name: str) -> str:
+        """The prefix of one provider's shared rate limit (its keys add :starts, ...)."""
+        return f"{self.ns}:limit:{name}"
+
     def messages(self, queue: str) -> str:
         """Dramatiq's hash of the messages of a queue not yet acknowledged."""
         return f"dramatiq:{queue}.msgs"

@@ -30,6 +30,7 @@ from redis.exceptions import RedisError
 from structlog.typing import FilteringBoundLogger
 
 from traxd.cluster.broker import make_broker
+from traxd.cluster.limits import SharedLimits
 from traxd.cluster.pathmap import PathMap
 from traxd.cluster.protocol import (
     ACTOR,
@@ -45,6 +46,7 @@ from traxd.errors import Permanent
 from traxd.executor import LocalExecutor, StepReply, StepRequest
 from traxd.logs import get_logger
 from traxd.pipeline.registry import StepRegistry
+from traxd.ratelimit import share_limits
 
 WORKER_MARK = "TRAXD_WORKER"  # in the environment of every process a worker starts
 BEAT_MAX = 5.0  # seconds between heartbeats at most, whatever the lease
@@ -94,6 +96,9 @@ class StepWorker:
         self.keys = Keys(settings.cluster.queue)
         self.queues = tuple(queue_name(settings.cluster.queue, r) for r in resources)
         self.broker = make_broker(settings.cluster, resources=resources)
+        assert settings.cluster.broker is not None
+        self.limits = SharedLimits(settings.cluster.broker, self.keys)
+        share_limits(self.limits)  # provider limits count every worker of the site
         self.log = get_logger(component="worker", worker=self.id)
         self.loop = asyncio.new_event_loop()
         self.executors: dict[tuple[Any, ...], LocalExecutor] = {}
@@ -267,6 +272,8 @@ class StepWorker:
             self.log.warning("heartbeat_not_removed", error=str(exc))
         for executor in list(self.executors.values()):
             asyncio.run_coroutine_threadsafe(executor.aclose(), self.loop).result(30)
+        asyncio.run_coroutine_threadsafe(self.limits.aclose(), self.loop).result(30)
+        share_limits(None)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.broker.close()
         self.log.info("worker_stopped")
