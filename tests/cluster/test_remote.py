@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from pathlib import Path
 
 import pytest
 import structlog.testing
 
 from tests.cluster.kit import RedisServer
-from traxd.cluster.protocol import Keys, encode_reply, message_key
+from traxd.cluster.protocol import Keys, SitePause, encode_reply, message_key
 from traxd.cluster.remote import DramatiqExecutor, redact_url
 from traxd.config import ClusterSettings, Settings
 from traxd.errors import Permanent
@@ -122,6 +123,36 @@ async def test_a_restarted_daemon_waits_for_the_message_in_flight(
         assert await task == reply  # found by the sweep, with no hint
     finally:
         await second.aclose()
+
+
+async def test_a_workers_pause_mark_pauses_the_backend_and_resume_deletes_it_first(
+        executor_settings: Settings, redis_server: RedisServer, tmp_path: Path) -> None:
+    client = redis_server.client()
+    paused: dict[str, str] = {}
+    executor = DramatiqExecutor(executor_settings, StepRegistry(executor_settings),
+                                on_paused=paused.__setitem__)
+    mark = SitePause("api.example answered 401: invalid key [redacted]", "w:7", time.time())
+    client.hset(KEYS.paused, "openai", mark.encode())
+    try:
+        # A mark a worker left: the backend is paused in the daemon too, with its reason
+        await until(lambda: "openai" in paused)
+        assert paused["openai"] == mark.reason
+        assert executor.status()["paused"]["openai"]["worker"] == "w:7"
+        # On resume the mark is deleted before the next step is sent
+        executor.backend_changed("openai", None)
+        with structlog.testing.capture_logs() as events:
+            task = asyncio.create_task(run(executor, request(tmp_path)))
+            await until(lambda: client.llen(KEYS.queue("traxd.cpu")) == 1)
+        names = [e["event"] for e in events]
+        assert names.index("site_pause_cleared") < names.index("step_sent")
+        assert not client.hexists(KEYS.paused, "openai")
+        paused.clear()
+        cleared = time.time()  # the next look at the cluster does not pause it again
+        await until(lambda: executor.view.at > cleared)
+        assert paused == {} and executor.status()["paused"] == {}
+        task.cancel()
+    finally:
+        await executor.aclose()
 
 
 def test_the_broker_password_is_never_shown() -> None:

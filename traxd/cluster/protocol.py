@@ -61,6 +61,11 @@ class Keys:
     def workers(self) -> str:
         return f"{self.ns}:workers"
 
+    @property
+    def paused(self) -> str:
+        """Backends paused for the whole site: backend -> SitePause."""
+        return f"{self.ns}:paused"
+
     def limit(self, name: str) -> str:
         """The prefix of one provider's shared rate limit (its keys add :starts, ...)."""
         return f"{self.ns}:limit:{name}"
@@ -121,4 +126,27 @@ class Heartbeat:
             data = json.loads(raw)
             return cls(**{**data, "queues": tuple(data["queues"])})
         except (ValueError, KeyError, TypeError):
+            return None
+
+
+@dataclass(frozen=True)
+class SitePause:
+    """A backend a worker found unusable (401, missing model): every worker hands its steps
+    back unrun until `traxd resume` deletes the mark. `reason` is the error's message, its
+    secrets redacted; never the key."""
+
+    reason: str
+    worker: str
+    at: float
+
+    def encode(self) -> str:
+        return json.dumps(self.__dict__)
+
+    @classmethod
+    def decode(cls, raw: str | bytes | None) -> SitePause | None:
+        if raw is None:
+            return None
+        try:
+            return cls(**json.loads(raw))
+        except (ValueError, TypeError):
             return None

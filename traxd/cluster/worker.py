@@ -38,18 +38,20 @@ from traxd.cluster.protocol import (
     REPLY_TTL,
     Heartbeat,
     Keys,
+    SitePause,
     encode_reply,
     queue_name,
 )
 from traxd.config import Settings
-from traxd.errors import Permanent
+from traxd.errors import BackendFatal, Category, Permanent
 from traxd.executor import LocalExecutor, StepReply, StepRequest
-from traxd.logs import get_logger
-from traxd.pipeline.registry import StepRegistry
+from traxd.logs import Redactor, get_logger
+from traxd.pipeline.registry import StepRegistry, backend_of
 from traxd.ratelimit import share_limits
 
 WORKER_MARK = "TRAXD_WORKER"  # in the environment of every process a worker starts
 BEAT_MAX = 5.0  # seconds between heartbeats at most, whatever the lease
+SITE_PAUSED = "site_paused"  # the reason of a step handed back unrun
 STORE_PATIENCE = 600.0  # seconds a finished step's reply waits for Redis to come back
 # Settings of a step that belong to the machine running it, not to the daemon that asks.
 MACHINE_KEYS = frozenset({"device", "compute_type", "processes", "threads",
@@ -100,6 +102,7 @@ class StepWorker:
         self.limits = SharedLimits(settings.cluster.broker, self.keys)
         share_limits(self.limits)  # provider limits count every worker of the site
         self.log = get_logger(component="worker", worker=self.id)
+        self.redactor = Redactor.of_environment(settings.key_variables, files=settings.key_files)
         self.loop = asyncio.new_event_loop()
         self.executors: dict[tuple[Any, ...], LocalExecutor] = {}
         self.running: dict[str, float] = {}  # message key -> progress
@@ -153,24 +156,67 @@ class StepWorker:
         if (problem := path_problem(request, self.paths, self.id)) is not None:
             log.error("step_path_unseen", error=problem.message)
             return StepReply.failed(problem)
+        settings = worker_settings(self.settings, request)
+        backend = backend_of(request.step, settings)
+        if (handed_back := self._paused_for_site(backend, log)) is not None:
+            return handed_back
         if request.workdir is not None:
             delivery = f"{self.host}-{self.pid}-{uuid.uuid4().hex[:8]}"
             request = dataclasses.replace(request, workdir=str(Path(request.workdir) / delivery))
+        reply = self._execute(request, settings, key, log)
+        if reply is None:
+            return None
+        if (error := reply.error) is not None:  # the daemon's redactor knows not our keys
+            error = dataclasses.replace(error, message=self.redactor.text(error.message))
+            reply = dataclasses.replace(reply, error=error)
+            if error.category is Category.FATAL and error.backend:
+                self._pause_site(error.backend, error.message, log)
+        return StepReply.from_json(self.paths.reply_to_daemon(reply.to_json()))
 
+    def _execute(self, request: StepRequest, settings: Settings, key: str,
+                 log: FilteringBoundLogger) -> StepReply | None:
         def progress(fraction: float) -> None:
             self.running[key] = fraction
 
-        executor = self._executor(worker_settings(self.settings, request))
         future = asyncio.run_coroutine_threadsafe(
-            executor.run(request, log=log, progress=progress), self.loop)
+            self._executor(settings).run(request, log=log, progress=progress), self.loop)
         with self.lock:
             self.futures[key] = future
         try:
-            reply = future.result()
+            return future.result()
         except concurrent.futures.CancelledError:
             log.warning("step_abandoned", why="the worker is stopping; the daemon sends it again")
             return None
-        return StepReply.from_json(self.paths.reply_to_daemon(reply.to_json()))
+
+    # --- backends paused for the whole site -------------------------------------------------
+
+    def _paused_for_site(self, backend: str | None,
+                         log: FilteringBoundLogger) -> StepReply | None:
+        """The step handed back unrun when a worker paused its backend: the daemon keeps
+        the job waiting (not failed) until `traxd resume`."""
+        if backend is None:
+            return None
+        try:
+            pause = SitePause.decode(self.broker.client.hget(self.keys.paused, backend))
+        except RedisError as exc:
+            log.warning("site_pause_unknown", backend=backend, error=str(exc))
+            return None
+        if pause is None:
+            return None
+        log.warning("step_handed_back", backend=backend, paused_by=pause.worker,
+                    why="the backend is paused for the whole site; `traxd resume` continues")
+        return StepReply.failed(BackendFatal(pause.reason, backend=backend, reason=SITE_PAUSED))
+
+    def _pause_site(self, backend: str, reason: str, log: FilteringBoundLogger) -> None:
+        """Every worker stops running steps of `backend` from now on, not only once the
+        daemon has this reply."""
+        try:
+            self.broker.client.hset(self.keys.paused, backend,
+                                    SitePause(reason, self.id, time.time()).encode())
+        except RedisError as exc:  # the daemon still pauses it when the reply arrives
+            log.error("site_pause_not_written", backend=backend, error=str(exc))
+            return
+        log.error("backend_paused_for_site", backend=backend, reason=reason)
 
     def _executor(self, settings: Settings) -> LocalExecutor:
         which = (settings.transcribe, settings.enhance, settings.download)

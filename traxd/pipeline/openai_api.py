@@ -140,7 +140,9 @@ class OpenAIEndpoint:
     def _where_to_put_it(self) -> str:
         if self.api_key_file is not None:
             return f"put the key in {self.api_key_file} (a file of its own, readable by traxd)"
-        return (f"set {self.api_key_env} in the daemon's environment (the systemd unit's "
+        # A `traxd worker` (traxd.cluster.worker marks its processes) reads its own keys.
+        whose = f"worker {worker}'s" if (worker := os.environ.get("TRAXD_WORKER")) else "daemon's"
+        return (f"set {self.api_key_env} in the {whose} environment (the systemd unit's "
                 "Environment= or EnvironmentFile=, the launchd plist's EnvironmentVariables), "
                 "or name a file with api_key_file and put the key there")
 
