@@ -116,12 +116,17 @@ def test_heartbeat_round_trip_and_liveness() -> None:
 
 def test_cluster_section_is_parsed_and_checked(tmp_path: Path) -> None:
     raw = {"cluster": {"broker": "redis://127.0.0.1:1/0", "path_map": {"/srv/": "/mnt"},
-                       "lease": "5s", "queues": ["gpu"], "work_dir": "shared/work"}}
+                       "lease": "5s", "queues": ["gpu"], "work_dir": "shared/work",
+                       "concurrency": {"net": 8, "gpu": 1}}}
     cluster = parse_settings(raw, source=tmp_path / "t.toml").cluster
     assert cluster == ClusterSettings(
         broker="redis://127.0.0.1:1/0", path_map=(("/srv", "/mnt"),), lease=5.0,
-        queues=("gpu",), work_dir=tmp_path / "shared" / "work")
-    for bad in ({"path_map": {"srv": "/mnt"}}, {"queues": ["tpu"]}, {"queue": "a b"}):
+        queues=("gpu",), work_dir=tmp_path / "shared" / "work",
+        concurrency=(("gpu", 1), ("net", 8)))
+    assert (cluster.threads_for("gpu", 4), cluster.threads_for("cpu", 4)) == (1, 4)
+    for bad in ({"path_map": {"srv": "/mnt"}}, {"queues": ["tpu"]}, {"queue": "a b"},
+                {"concurrency": {"gpu": 0}}, {"concurrency": {"tpu": 1}},
+                {"concurrency": {"gpu": True}}, {"concurrency": [1]}):
         with pytest.raises(ConfigError, match="cluster"):
             parse_settings({"cluster": bad})
 

@@ -105,10 +105,11 @@ class Heartbeat:
     host: str
     pid: int
     queues: tuple[str, ...]
-    threads: int
+    threads: int  # steps at once in all
     at: float  # unix time of the beat
     running: dict[str, float] = field(default_factory=dict)  # message key -> progress 0..1
     steps: dict[str, str] = field(default_factory=dict)  # message key -> "inbox/file step"
+    concurrency: dict[str, int] = field(default_factory=dict)  # resource -> steps at once
 
     @property
     def busy(self) -> int:

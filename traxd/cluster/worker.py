@@ -1,10 +1,12 @@
 """`traxd worker`: runs the daemon's step requests with the same step code, on this machine.
 
-One process holds a Dramatiq Worker whose threads hand each message to one asyncio loop
-running LocalExecutors built from this machine's own config (its keys come from its own
-environment). Each delivery writes into a folder of its own inside the step's folder; the
-reply names what it wrote, is stored in Redis before the message is acknowledged, and
-carries the daemon's paths again. A heartbeat says who runs what.
+One process holds a Dramatiq Worker per queue it takes (its own broker and connections; as
+many threads as `[cluster] concurrency` gives that resource, else --threads), whose threads
+hand each message to one asyncio loop running LocalExecutors built from this machine's own
+config (its keys come from its own environment). Each delivery writes into a folder of its
+own inside the step's folder; the reply names what it wrote, is stored in Redis before the
+message is acknowledged, and carries the daemon's paths again. A heartbeat says who runs
+what.
 """
 
 from __future__ import annotations
@@ -97,7 +99,9 @@ class StepWorker:
         self.paths = PathMap(settings.cluster.path_map)
         self.keys = Keys(settings.cluster.queue)
         self.queues = tuple(queue_name(settings.cluster.queue, r) for r in resources)
-        self.broker = make_broker(settings.cluster, resources=resources)
+        self.concurrency = {r: settings.cluster.threads_for(r, threads) for r in resources}
+        self.brokers = {r: make_broker(settings.cluster, resources=(r,)) for r in resources}
+        self.broker = self.brokers[resources[0]]  # also for this worker's own keys
         assert settings.cluster.broker is not None
         self.limits = SharedLimits(settings.cluster.broker, self.keys)
         share_limits(self.limits)  # provider limits count every worker of the site
@@ -111,8 +115,9 @@ class StepWorker:
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         os.environ[WORKER_MARK] = self.id
-        dramatiq.Actor(self.handle, broker=self.broker, actor_name=ACTOR,
-                       queue_name=self.queues[0], priority=0, options={})
+        for resource, broker in self.brokers.items():
+            dramatiq.Actor(self.handle, broker=broker, actor_name=ACTOR, priority=0, options={},
+                           queue_name=queue_name(settings.cluster.queue, resource))
 
     @property
     def beat_interval(self) -> float:
@@ -248,15 +253,16 @@ class StepWorker:
 
     def heartbeat(self) -> Heartbeat:
         with self.lock:
-            return Heartbeat(self.id, self.host, self.pid, self.resources, self.threads,
-                             time.time(), dict(self.running), dict(self.labels))
+            return Heartbeat(self.id, self.host, self.pid, self.resources,
+                             sum(self.concurrency.values()), time.time(), dict(self.running),
+                             dict(self.labels), dict(self.concurrency))
 
     def _beat_loop(self) -> None:
         while not self.stopping.wait(self.beat_interval):
             try:
                 self.broker.client.hset(self.keys.workers, self.id, self.heartbeat().encode())
-                for queue in self.queues:  # Dramatiq's own liveness mark for this process
-                    self.broker.do_qsize(queue)
+                for resource, broker in self.brokers.items():  # Dramatiq's liveness mark
+                    broker.do_qsize(queue_name(self.settings.cluster.queue, resource))
                 self._reap_dead_neighbours()
             except RedisError as exc:
                 self.log.warning("heartbeat_failed", error=str(exc))
@@ -289,28 +295,41 @@ class StepWorker:
     def serve(self, stop: threading.Event) -> int:
         loop_thread = threading.Thread(target=self.loop.run_forever, name="steps", daemon=True)
         loop_thread.start()
-        worker = dramatiq.Worker(self.broker, queues=set(self.queues), worker_threads=self.threads)
-        worker.queue_prefetch = self.threads  # no message waits here while another worker idles
-        worker.start()
+        workers = [self._consume(resource) for resource in self.resources]
         beats = threading.Thread(target=self._beat_loop, name="heartbeat", daemon=True)
         beats.start()
-        self.log.info("worker_ready", queues=list(self.queues), threads=self.threads,
+        self.log.info("worker_ready", queues=list(self.queues), concurrency=self.concurrency,
+                      threads=sum(self.concurrency.values()),
                       broker_lease=self.settings.cluster.lease)
         stop.wait()
         self.log.info("worker_stopping", running=len(self.running))
-        self._stop(worker)
+        self._stop(workers)
         return 0
 
-    def _stop(self, worker: dramatiq.Worker) -> None:
+    def _consume(self, resource: str) -> dramatiq.Worker:
+        """The Dramatiq Worker of one queue: at most its concurrency of steps at once."""
+        threads = self.concurrency[resource]
+        worker = dramatiq.Worker(self.brokers[resource], worker_threads=threads,
+                                 queues={queue_name(self.settings.cluster.queue, resource)})
+        worker.queue_prefetch = threads  # no message waits here while another worker idles
+        worker.start()
+        return worker
+
+    def _stop(self, workers: list[dramatiq.Worker]) -> None:
         grace = self.settings.daemon.shutdown_grace
-        stopper = threading.Thread(target=worker.stop, kwargs={"timeout": int(grace * 1000)})
-        stopper.start()
-        stopper.join(grace)
+        stoppers = [threading.Thread(target=w.stop, kwargs={"timeout": int(grace * 1000)})
+                    for w in workers]
+        deadline = time.monotonic() + grace
+        for stopper in stoppers:
+            stopper.start()
+        for stopper in stoppers:
+            stopper.join(max(deadline - time.monotonic(), 0.0))
         with self.lock:
             futures = list(self.futures.values())
         for future in futures:
             future.cancel()
-        stopper.join()
+        for stopper in stoppers:
+            stopper.join()
         self.stopping.set()
         try:
             self.broker.client.hdel(self.keys.workers, self.id)
@@ -321,7 +340,8 @@ class StepWorker:
         asyncio.run_coroutine_threadsafe(self.limits.aclose(), self.loop).result(30)
         share_limits(None)
         self.loop.call_soon_threadsafe(self.loop.stop)
-        self.broker.close()
+        for broker in self.brokers.values():
+            broker.close()
         self.log.info("worker_stopped")
 
 
