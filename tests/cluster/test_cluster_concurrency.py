@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 from datetime import datetime
 from pathlib import Path
@@ -53,5 +54,5 @@ def test_a_gpu_queue_with_concurrency_one_never_runs_two_steps_at_once(
     # Then the worker ran them one after the other
     ran = spans(worker)
     assert [e["step"] for e in worker.events_named("step_replied")] == ["transcribe"] * 3
-    assert all(ended <= began for (_, ended), (began, _) in zip(ran, ran[1:], strict=False)), ran
+    assert all(ended <= began for (_, ended), (began, _) in itertools.pairwise(ran)), ran
     assert {f"{Path(n).stem}.txt" for n in names} <= set(files_under(site.box.outputs))
