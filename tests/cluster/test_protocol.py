@@ -14,6 +14,7 @@ from traxd.cluster.pathmap import PathMap
 from traxd.cluster.protocol import (
     Heartbeat,
     decode_reply,
+    download_archive,
     encode_reply,
     message_key,
     resource_of,
@@ -105,6 +106,31 @@ def test_a_path_the_worker_cannot_see_fails_naming_path_and_mapping(tmp_path: Pa
     assert problem is not None and problem.category.value == "permanent"
     assert gone in problem.message and "path_map" in problem.message
     assert f"{tmp_path / 'srv'} -> {tmp_path / 'media'}" in problem.message
+
+
+def test_a_download_archive_the_worker_cannot_see_fails_the_step(tmp_path: Path) -> None:
+    seen = tmp_path / "a.url"
+    seen.write_text("x")
+    unseen = tmp_path / "share" / "download-archive.txt"
+    step = request(step="download", input=str(seen), source=str(seen), workdir=None,
+                   settings={"archive": str(unseen)})
+    problem = path_problem(step, MAP, "w:1")
+    assert problem is not None and str(unseen.parent) in problem.message
+    unseen.parent.mkdir()
+    assert path_problem(step, MAP, "w:1") is None
+
+
+def test_the_shared_download_archive_is_the_set_one_else_in_the_work_dir(
+        tmp_path: Path) -> None:
+    settings = Settings()
+    with_work = dataclasses.replace(settings, cluster=ClusterSettings(work_dir=tmp_path / "w"))
+    named = dataclasses.replace(with_work, download=dataclasses.replace(
+        settings.download, archive=tmp_path / "a.txt"))
+    assert download_archive(named) == (tmp_path / "a.txt", "[download] archive")
+    assert download_archive(with_work) == (tmp_path / "w" / "download-archive.txt",
+                                           "[cluster] work_dir")
+    assert download_archive(settings) == (
+        settings.daemon.state_dir / "download-archive.txt", "[daemon] state_dir")
 
 
 def test_heartbeat_round_trip_and_liveness() -> None:

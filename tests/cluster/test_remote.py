@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -150,6 +151,33 @@ async def test_a_workers_pause_mark_pauses_the_backend_and_resume_deletes_it_fir
         cleared = time.time()  # the next look at the cluster does not pause it again
         await until(lambda: executor.view.at > cleared)
         assert paused == {} and executor.status()["paused"] == {}
+        task.cancel()
+    finally:
+        await executor.aclose()
+
+
+async def test_a_download_step_is_sent_naming_the_shared_archive(
+        executor_settings: Settings, redis_server: RedisServer, tmp_path: Path) -> None:
+    # Given no [download] archive and the steps' folders on the share ([cluster] work_dir)
+    work = tmp_path / "share" / "work"
+    settings = dataclasses.replace(executor_settings, cluster=dataclasses.replace(
+        executor_settings.cluster, work_dir=work))
+    executor = DramatiqExecutor(settings, StepRegistry(settings))
+    client = redis_server.client()
+    link = dataclasses.replace(request(tmp_path), step="download", settings={"archive": None},
+                               workdir=str(work / "3" / "0-download"))
+    try:
+        with structlog.testing.capture_logs() as events:
+            task = asyncio.create_task(run(executor, link))
+            await until(lambda: client.llen(KEYS.queue("traxd.net")) == 1)
+        # Then the message names the archive beside the work folders, which now exists,
+        # and the daemon says where it is kept
+        (sent,) = client.hvals(KEYS.messages("traxd.net"))
+        archive = work / "download-archive.txt"
+        assert json.loads(sent)["args"][0]["settings"]["archive"] == str(archive)
+        assert archive.parent.is_dir()
+        (said,) = [e for e in events if e["event"] == "download_archive"]
+        assert said["path"] == str(archive) and said["set_by"] == "[cluster] work_dir"
         task.cancel()
     finally:
         await executor.aclose()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from traxd.config import Settings, StepSpec
 from traxd.executor import StepReply, StepRequest
@@ -31,6 +32,17 @@ def resource_of(spec: StepSpec, settings: Settings) -> str:
     if spec in ("download", "enhance"):
         return "net"
     return "cpu"
+
+
+def download_archive(settings: Settings) -> tuple[Path, str]:
+    """The download archive the daemon and every worker share, and which setting says so:
+    `[download] archive`, else beside the steps' folders in `[cluster] work_dir` (on the
+    shared storage), else in the daemon's state_dir as on one machine."""
+    if settings.download.archive is not None:
+        return settings.download.archive, "[download] archive"
+    if settings.cluster.work_dir is not None:
+        return settings.cluster.work_dir / "download-archive.txt", "[cluster] work_dir"
+    return settings.daemon.state_dir / "download-archive.txt", "[daemon] state_dir"
 
 
 def queue_name(prefix: str, resource: str) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -39,6 +40,7 @@ from traxd.cluster.protocol import (
     Keys,
     SitePause,
     decode_reply,
+    download_archive,
     message_key,
     queue_name,
     resource_of,
@@ -106,6 +108,7 @@ class DramatiqExecutor:
         self.on_paused = on_paused  # told (backend, reason) for each mark a worker left
         self.resumed_at: dict[str, float] = {}  # backend -> when `traxd resume` cleared it
         self._clearing: asyncio.Task[None] | None = None
+        self._archives: set[Path] = set()  # download archives whose folder is made
         self.waiting: dict[str, InFlight] = {}
         self.taken: dict[int, dict[int, str]] = {}  # job -> step index -> reply key kept
         self.forget: list[str] = []  # reply keys recorded by the journal: to delete
@@ -132,6 +135,7 @@ class DramatiqExecutor:
     async def run(self, request: StepRequest, *, log: FilteringBoundLogger,
                   progress: Progress) -> StepReply:
         self._start()
+        request = await self._with_archive(request)
         key = message_key(request)
         queue = queue_name(self.cluster.queue,
                            resource_of(request.step, self.settings.for_inbox(request.inbox)))
@@ -150,6 +154,22 @@ class DramatiqExecutor:
             self.waiting.pop(key, None)
         await self._taken(entry, reply)
         return reply
+
+    async def _with_archive(self, request: StepRequest) -> StepRequest:
+        """A download step names the archive every worker reads (through its path_map) and
+        the daemon records into when the job is done; its folder is made here, so a worker
+        that cannot see it fails the step instead of downloading a link again."""
+        if request.label != "download":
+            return request
+        archive, source = download_archive(self.settings)
+        if archive not in self._archives:
+            self._archives.add(archive)
+            with contextlib.suppress(OSError):  # a worker that cannot reach it says so
+                await asyncio.to_thread(archive.parent.mkdir, parents=True, exist_ok=True)
+            self.log.info("download_archive", path=str(archive), set_by=source,
+                          note="on storage every worker sees; they read it through path_map")
+        return dataclasses.replace(request, settings={**request.settings,
+                                                      "archive": str(archive)})
 
     async def _dispatch(self, entry: InFlight) -> None:
         """The stored reply, or the message in flight, or a new message."""

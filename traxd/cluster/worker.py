@@ -81,6 +81,8 @@ def path_problem(request: StepRequest, paths: PathMap, worker: str) -> Permanent
     needed = [request.source, request.input]
     if request.workdir is not None:
         needed.append(str(Path(request.workdir).parent))
+    if request.label == "download" and (archive := request.settings.get("archive")):
+        needed.append(str(Path(archive).parent))
     missing = next((p for p in needed if not Path(p).exists()), None)
     if missing is None:
         return None
@@ -111,6 +113,7 @@ class StepWorker:
         self.executors: dict[tuple[Any, ...], LocalExecutor] = {}
         self.running: dict[str, float] = {}  # message key -> progress
         self.labels: dict[str, str] = {}
+        self.archives: set[str] = set()  # download archives this worker said it uses
         self.futures: dict[str, concurrent.futures.Future[StepReply]] = {}
         self.lock = threading.Lock()
         self.stopping = threading.Event()
@@ -162,6 +165,7 @@ class StepWorker:
             log.error("step_path_unseen", error=problem.message)
             return StepReply.failed(problem)
         settings = worker_settings(self.settings, request)
+        self._note_archive(settings, request, log)
         backend = backend_of(request.step, settings)
         if (handed_back := self._paused_for_site(backend, log)) is not None:
             return handed_back
@@ -177,6 +181,24 @@ class StepWorker:
             if error.category is Category.FATAL and error.backend:
                 self._pause_site(error.backend, error.message, log)
         return StepReply.from_json(self.paths.reply_to_daemon(reply.to_json()))
+
+    def _note_archive(self, settings: Settings, request: StepRequest,
+                      log: FilteringBoundLogger) -> None:
+        """Where this worker looks for links already downloaded, said once per archive."""
+        if request.label != "download":
+            return
+        archive = str(settings.download.archive or "")
+        with self.lock:
+            if archive in self.archives:
+                return
+            self.archives.add(archive)
+        if settings.download.archive is None:  # a daemon that sends none (older traxd)
+            log.warning("download_archive", path=str(
+                settings.daemon.state_dir / "download-archive.txt"),
+                note="this worker's own state_dir: not shared with the daemon or other "
+                "workers; set [download] archive on the daemon, on shared storage")
+            return
+        log.info("download_archive", path=archive, daemon_path=self.paths.to_daemon(archive))
 
     def _execute(self, request: StepRequest, settings: Settings, key: str,
                  log: FilteringBoundLogger) -> StepReply | None:
