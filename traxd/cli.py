@@ -98,7 +98,8 @@ or launchd does not see the variables exported in this shell.""",
   traxd service uninstall --user""",
     "worker": """examples:
   traxd worker                                the queues named in [cluster] queues
-  traxd worker --queues cpu,net --processes 2""",
+  traxd worker --queues cpu,net --processes 2
+  traxd worker --queues gpu,net --threads 8   gpu: as [cluster] concurrency says""",
 }
 
 DAEMON_FINDING = """Without --config it talks to the daemon running for this user (each records
@@ -196,7 +197,8 @@ def _worker_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                         "(default: [cluster] queues)")
     worker.add_argument("--processes", type=int, default=1, help="worker processes (default 1)")
     worker.add_argument("--threads", type=int, default=2,
-                        help="steps each process runs at once (default 2)")
+                        help="steps each process runs at once per queue, for the queues "
+                        "[cluster] concurrency does not name (default 2)")
 
 
 def _command(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str,

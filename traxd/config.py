@@ -132,6 +132,12 @@ class ClusterSettings:
     lease: float = 60.0  # a worker silent this long is dead: its steps go to another
     work_dir: Path | None = None  # steps' folders, on shared storage (default state_dir/work)
     queues: tuple[str, ...] = ("cpu", "gpu", "net")  # what `traxd worker` takes by default
+    # Steps one `traxd worker` process runs at once per resource, e.g. (("gpu", 1),);
+    # a resource not named runs --threads at once.
+    concurrency: tuple[tuple[str, int], ...] = ()
+
+    def threads_for(self, resource: str, default: int) -> int:
+        return dict(self.concurrency).get(resource, default)
 
 
 NOTIFY_EVENTS = ("batch_finished", "file_failed", "backend_paused", "backend_resumed",
@@ -478,6 +484,15 @@ def _queues(value: object) -> object:
     return tuple(value)
 
 
+def _concurrency(value: object) -> object:
+    if not isinstance(value, Mapping) or not all(
+            k in _RESOURCES and isinstance(v, int) and not isinstance(v, bool) and v >= 1
+            for k, v in value.items()):
+        raise ValueError(f"expected a table of steps at once per resource, drawn from "
+                         f"{list(_RESOURCES)}, each 1 or more, e.g. {{ gpu = 1, net = 8 }}")
+    return tuple(sorted(value.items()))
+
+
 def _queue_name(value: object) -> object:
     if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", value):
         raise ValueError("use letters, digits, '_' and '-'")
@@ -487,6 +502,7 @@ def _queue_name(value: object) -> object:
 _CLUSTER: dict[str, Converter] = {
     "broker": _STR, "queue": _queue_name, "path_map": _path_map,
     "lease": _positive_duration, "work_dir": _path, "queues": _queues,
+    "concurrency": _concurrency,
 }
 
 

@@ -121,8 +121,12 @@ class Daemon:
                               str(exc)) from exc
         self.history = History()
         self.runner.on_end = self._job_ended
-        self.backends.on_change = self.notifier.backend_changed
+        self.backends.on_change = self._backend_changed
         self.batcher.on_finished = self._batch_finished
+
+    def _backend_changed(self, backend: str, reason: str | None) -> None:
+        self.notifier.backend_changed(backend, reason)
+        self.runner.executor.backend_changed(backend, reason)
 
     def _job_ended(self, end: JobEnd) -> None:
         self.batcher.job_ended(end)
@@ -156,7 +160,8 @@ class Daemon:
         if settings.cluster.broker:
             from traxd.cluster.remote import DramatiqExecutor
 
-            return DramatiqExecutor(settings, registry, durable=self.journal.durable)
+            return DramatiqExecutor(settings, registry, durable=self.journal.durable,
+                                    on_paused=self.backends.pause)
         return LocalExecutor(settings, registry)
 
     async def recover(self) -> None:

@@ -269,6 +269,10 @@ class Executor(Protocol):
         """What `traxd status` shows about where steps run (None: in this process)."""
         ...
 
+    def backend_changed(self, backend: str, reason: str | None) -> None:
+        """A backend was paused (with the reason) or resumed (None)."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -289,6 +293,9 @@ class LocalExecutor:
         return None
 
     def status(self) -> dict[str, Any] | None:
+        return None
+
+    def backend_changed(self, backend: str, reason: str | None) -> None:
         return None
 
     async def run(self, request: StepRequest, *, log: FilteringBoundLogger,

@@ -1,4 +1,8 @@
-"""A per-provider request limiter: requests started per minute and requests in flight."""
+"""A per-provider request limiter: requests started per minute and requests in flight.
+
+`RateLimiter` counts in this process. A `traxd worker` shares the limits of the whole
+site instead (traxd.cluster.limits): `share_limits` makes `make_limiter` build those.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,41 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Protocol
 
 MAX_HOLD = 120.0  # seconds a provider's Retry-After may hold all its requests
 WINDOW = 60.0  # seconds
+
+
+class Limiter(Protocol):
+    """What a provider's endpoint asks of its limiter."""
+
+    def slot(self) -> AbstractAsyncContextManager[None]: ...
+
+    def hold(self, seconds: float) -> float: ...
+
+
+# (name, per_minute, max_concurrent, lease: seconds one request may hold a slot at most)
+LimiterFactory = Callable[[str, int, int, float], Limiter]
+
+
+def local_limiter(name: str, per_minute: int, max_concurrent: int, lease: float) -> Limiter:
+    return RateLimiter(per_minute, max_concurrent)
+
+
+_factory: list[LimiterFactory] = [local_limiter]
+
+
+def make_limiter(name: str, per_minute: int, max_concurrent: int, *, lease: float) -> Limiter:
+    """The limiter of one provider (`name`: backend and host): this process's own, or the
+    site's when this process is a worker that shares them."""
+    return _factory[0](name, per_minute, max_concurrent, lease)
+
+
+def share_limits(factory: LimiterFactory | None) -> None:
+    """From now on, this process's limiters are made by `factory` (None: its own again)."""
+    _factory[0] = factory or local_limiter
 
 
 class RateLimiter:

@@ -69,15 +69,17 @@ class RedisServer:
 class WorkerProcess:
     """`traxd worker` as a real child process, its JSON log in a file."""
 
-    def __init__(self, config: Path, log: Path, *args: str) -> None:
+    def __init__(self, config: Path, log: Path, *args: str,
+                 env: dict[str, str] | None = None) -> None:
         self.config, self.log, self.args = config, log, args
+        self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> WorkerProcess:
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "traxd", "worker", "--config", str(self.config),
-                 *self.args], stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ))
+                 *self.args], stdout=out, stderr=subprocess.STDOUT, env=self.env)
         wait_until(lambda: self.events_named("worker_ready") or self.proc is None
                    or self.proc.poll() is not None, 30, message="worker ready")
         assert self.proc is not None and self.proc.poll() is None, self.log_text()
@@ -133,9 +135,9 @@ class Site:
         self.daemon = DaemonProcess(config, root / "daemon.log")
         self.workers: list[WorkerProcess] = []
 
-    def worker(self, *args: str) -> WorkerProcess:
+    def worker(self, *args: str, env: dict[str, str] | None = None) -> WorkerProcess:
         worker = WorkerProcess(self.config, self.root / f"worker{len(self.workers)}.log",
-                               "--threads", "1", *args).start()
+                               "--threads", "1", *args, env=env).start()
         self.workers.append(worker)
         return worker
 

@@ -14,6 +14,7 @@ from traxd.cluster.pathmap import PathMap
 from traxd.cluster.protocol import (
     Heartbeat,
     decode_reply,
+    download_archive,
     encode_reply,
     message_key,
     resource_of,
@@ -107,6 +108,31 @@ def test_a_path_the_worker_cannot_see_fails_naming_path_and_mapping(tmp_path: Pa
     assert f"{tmp_path / 'srv'} -> {tmp_path / 'media'}" in problem.message
 
 
+def test_a_download_archive_the_worker_cannot_see_fails_the_step(tmp_path: Path) -> None:
+    seen = tmp_path / "a.url"
+    seen.write_text("x")
+    unseen = tmp_path / "share" / "download-archive.txt"
+    step = request(step="download", input=str(seen), source=str(seen), workdir=None,
+                   settings={"archive": str(unseen)})
+    problem = path_problem(step, MAP, "w:1")
+    assert problem is not None and str(unseen.parent) in problem.message
+    unseen.parent.mkdir()
+    assert path_problem(step, MAP, "w:1") is None
+
+
+def test_the_shared_download_archive_is_the_set_one_else_in_the_work_dir(
+        tmp_path: Path) -> None:
+    settings = Settings()
+    with_work = dataclasses.replace(settings, cluster=ClusterSettings(work_dir=tmp_path / "w"))
+    named = dataclasses.replace(with_work, download=dataclasses.replace(
+        settings.download, archive=tmp_path / "a.txt"))
+    assert download_archive(named) == (tmp_path / "a.txt", "[download] archive")
+    assert download_archive(with_work) == (tmp_path / "w" / "download-archive.txt",
+                                           "[cluster] work_dir")
+    assert download_archive(settings) == (
+        settings.daemon.state_dir / "download-archive.txt", "[daemon] state_dir")
+
+
 def test_heartbeat_round_trip_and_liveness() -> None:
     beat = Heartbeat("h:1", "h", 1, ("cpu",), 2, 100.0, {"k": 0.5}, {"k": "main/a.mp3"})
     again = Heartbeat.decode(beat.encode())
@@ -116,12 +142,17 @@ def test_heartbeat_round_trip_and_liveness() -> None:
 
 def test_cluster_section_is_parsed_and_checked(tmp_path: Path) -> None:
     raw = {"cluster": {"broker": "redis://127.0.0.1:1/0", "path_map": {"/srv/": "/mnt"},
-                       "lease": "5s", "queues": ["gpu"], "work_dir": "shared/work"}}
+                       "lease": "5s", "queues": ["gpu"], "work_dir": "shared/work",
+                       "concurrency": {"net": 8, "gpu": 1}}}
     cluster = parse_settings(raw, source=tmp_path / "t.toml").cluster
     assert cluster == ClusterSettings(
         broker="redis://127.0.0.1:1/0", path_map=(("/srv", "/mnt"),), lease=5.0,
-        queues=("gpu",), work_dir=tmp_path / "shared" / "work")
-    for bad in ({"path_map": {"srv": "/mnt"}}, {"queues": ["tpu"]}, {"queue": "a b"}):
+        queues=("gpu",), work_dir=tmp_path / "shared" / "work",
+        concurrency=(("gpu", 1), ("net", 8)))
+    assert (cluster.threads_for("gpu", 4), cluster.threads_for("cpu", 4)) == (1, 4)
+    for bad in ({"path_map": {"srv": "/mnt"}}, {"queues": ["tpu"]}, {"queue": "a b"},
+                {"concurrency": {"gpu": 0}}, {"concurrency": {"tpu": 1}},
+                {"concurrency": {"gpu": True}}, {"concurrency": [1]}):
         with pytest.raises(ConfigError, match="cluster"):
             parse_settings({"cluster": bad})
 

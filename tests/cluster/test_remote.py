@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+import time
 from pathlib import Path
 
 import pytest
 import structlog.testing
 
 from tests.cluster.kit import RedisServer
-from traxd.cluster.protocol import Keys, encode_reply, message_key
+from traxd.cluster.protocol import Keys, SitePause, encode_reply, message_key
 from traxd.cluster.remote import DramatiqExecutor, redact_url
 from traxd.config import ClusterSettings, Settings
 from traxd.errors import Permanent
@@ -122,6 +124,63 @@ async def test_a_restarted_daemon_waits_for_the_message_in_flight(
         assert await task == reply  # found by the sweep, with no hint
     finally:
         await second.aclose()
+
+
+async def test_a_workers_pause_mark_pauses_the_backend_and_resume_deletes_it_first(
+        executor_settings: Settings, redis_server: RedisServer, tmp_path: Path) -> None:
+    client = redis_server.client()
+    paused: dict[str, str] = {}
+    executor = DramatiqExecutor(executor_settings, StepRegistry(executor_settings),
+                                on_paused=paused.__setitem__)
+    mark = SitePause("api.example answered 401: invalid key [redacted]", "w:7", time.time())
+    client.hset(KEYS.paused, "openai", mark.encode())
+    try:
+        # A mark a worker left: the backend is paused in the daemon too, with its reason
+        await until(lambda: "openai" in paused)
+        assert paused["openai"] == mark.reason
+        assert executor.status()["paused"]["openai"]["worker"] == "w:7"
+        # On resume the mark is deleted before the next step is sent
+        executor.backend_changed("openai", None)
+        with structlog.testing.capture_logs() as events:
+            task = asyncio.create_task(run(executor, request(tmp_path)))
+            await until(lambda: client.llen(KEYS.queue("traxd.cpu")) == 1)
+        names = [e["event"] for e in events]
+        assert names.index("site_pause_cleared") < names.index("step_sent")
+        assert not client.hexists(KEYS.paused, "openai")
+        paused.clear()
+        cleared = time.time()  # the next look at the cluster does not pause it again
+        await until(lambda: executor.view.at > cleared)
+        assert paused == {} and executor.status()["paused"] == {}
+        task.cancel()
+    finally:
+        await executor.aclose()
+
+
+async def test_a_download_step_is_sent_naming_the_shared_archive(
+        executor_settings: Settings, redis_server: RedisServer, tmp_path: Path) -> None:
+    # Given no [download] archive and the steps' folders on the share ([cluster] work_dir)
+    work = tmp_path / "share" / "work"
+    settings = dataclasses.replace(executor_settings, cluster=dataclasses.replace(
+        executor_settings.cluster, work_dir=work))
+    executor = DramatiqExecutor(settings, StepRegistry(settings))
+    client = redis_server.client()
+    link = dataclasses.replace(request(tmp_path), step="download", settings={"archive": None},
+                               workdir=str(work / "3" / "0-download"))
+    try:
+        with structlog.testing.capture_logs() as events:
+            task = asyncio.create_task(run(executor, link))
+            await until(lambda: client.llen(KEYS.queue("traxd.net")) == 1)
+        # Then the message names the archive beside the work folders, which now exists,
+        # and the daemon says where it is kept
+        (sent,) = client.hvals(KEYS.messages("traxd.net"))
+        archive = work / "download-archive.txt"
+        assert json.loads(sent)["args"][0]["settings"]["archive"] == str(archive)
+        assert archive.parent.is_dir()
+        (said,) = [e for e in events if e["event"] == "download_archive"]
+        assert said["path"] == str(archive) and said["set_by"] == "[cluster] work_dir"
+        task.cancel()
+    finally:
+        await executor.aclose()
 
 
 def test_the_broker_password_is_never_shown() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from traxd.config import Settings, StepSpec
 from traxd.executor import StepReply, StepRequest
@@ -31,6 +32,17 @@ def resource_of(spec: StepSpec, settings: Settings) -> str:
     if spec in ("download", "enhance"):
         return "net"
     return "cpu"
+
+
+def download_archive(settings: Settings) -> tuple[Path, str]:
+    """The download archive the daemon and every worker share, and which setting says so:
+    `[download] archive`, else beside the steps' folders in `[cluster] work_dir` (on the
+    shared storage), else in the daemon's state_dir as on one machine."""
+    if settings.download.archive is not None:
+        return settings.download.archive, "[download] archive"
+    if settings.cluster.work_dir is not None:
+        return settings.cluster.work_dir / "download-archive.txt", "[cluster] work_dir"
+    return settings.daemon.state_dir / "download-archive.txt", "[daemon] state_dir"
 
 
 def queue_name(prefix: str, resource: str) -> str:
@@ -60,6 +72,15 @@ class Keys:
     @property
     def workers(self) -> str:
         return f"{self.ns}:workers"
+
+    @property
+    def paused(self) -> str:
+        """Backends paused for the whole site: backend -> SitePause."""
+        return f"{self.ns}:paused"
+
+    def limit(self, name: str) -> str:
+        """The prefix of one provider's shared rate limit (its keys add :starts, ...)."""
+        return f"{self.ns}:limit:{name}"
 
     def messages(self, queue: str) -> str:
         """Dramatiq's hash of the messages of a queue not yet acknowledged."""
@@ -96,10 +117,11 @@ class Heartbeat:
     host: str
     pid: int
     queues: tuple[str, ...]
-    threads: int
+    threads: int  # steps at once in all
     at: float  # unix time of the beat
     running: dict[str, float] = field(default_factory=dict)  # message key -> progress 0..1
     steps: dict[str, str] = field(default_factory=dict)  # message key -> "inbox/file step"
+    concurrency: dict[str, int] = field(default_factory=dict)  # resource -> steps at once
 
     @property
     def busy(self) -> int:
@@ -117,4 +139,27 @@ class Heartbeat:
             data = json.loads(raw)
             return cls(**{**data, "queues": tuple(data["queues"])})
         except (ValueError, KeyError, TypeError):
+            return None
+
+
+@dataclass(frozen=True)
+class SitePause:
+    """A backend a worker found unusable (401, missing model): every worker hands its steps
+    back unrun until `traxd resume` deletes the mark. `reason` is the error's message, its
+    secrets redacted; never the key."""
+
+    reason: str
+    worker: str
+    at: float
+
+    def encode(self) -> str:
+        return json.dumps(self.__dict__)
+
+    @classmethod
+    def decode(cls, raw: str | bytes | None) -> SitePause | None:
+        if raw is None:
+            return None
+        try:
+            return cls(**json.loads(raw))
+        except (ValueError, TypeError):
             return None

@@ -7,12 +7,16 @@ pushes the key onto `replied` (a hint: the reply is the truth). A re-run of a st
 daemon restart) first looks for the reply or the message in flight and waits for it. A
 message that is neither in Redis nor held by a live worker for half a lease (Redis lost
 its data) is sent again. A reply stays in Redis until the journal has recorded it.
+A worker that finds a backend unusable marks it paused for the site (`paused`); the daemon
+pauses it too when it sees the mark, and `traxd resume` deletes the mark before any step is
+sent again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -34,7 +38,9 @@ from traxd.cluster.protocol import (
     RESOURCES,
     Heartbeat,
     Keys,
+    SitePause,
     decode_reply,
+    download_archive,
     message_key,
     queue_name,
     resource_of,
@@ -71,6 +77,7 @@ class ClusterView:
 
     workers: list[Heartbeat] = field(default_factory=list)
     depths: dict[str, int] = field(default_factory=dict)
+    paused: dict[str, SitePause] = field(default_factory=dict)  # backend -> its mark
     reachable: bool = True
     at: float = 0.0
 
@@ -86,7 +93,8 @@ class DramatiqExecutor:
     LocalExecutor. Failures come back as replies; Redis being away is waited out."""
 
     def __init__(self, settings: Settings, steps: StepRegistry, *,
-                 durable: Callable[[], Awaitable[None]] | None = None) -> None:
+                 durable: Callable[[], Awaitable[None]] | None = None,
+                 on_paused: Callable[[str, str], None] | None = None) -> None:
         cluster = settings.cluster
         assert cluster.broker is not None
         self.settings, self.steps, self.cluster = settings, steps, cluster
@@ -97,6 +105,10 @@ class DramatiqExecutor:
             cluster.broker, decode_responses=True, socket_timeout=SOCKET_TIMEOUT,
             socket_connect_timeout=CONNECT_TIMEOUT)
         self.durable = durable
+        self.on_paused = on_paused  # told (backend, reason) for each mark a worker left
+        self.resumed_at: dict[str, float] = {}  # backend -> when `traxd resume` cleared it
+        self._clearing: asyncio.Task[None] | None = None
+        self._archives: set[Path] = set()  # download archives whose folder is made
         self.waiting: dict[str, InFlight] = {}
         self.taken: dict[int, dict[int, str]] = {}  # job -> step index -> reply key kept
         self.forget: list[str] = []  # reply keys recorded by the journal: to delete
@@ -123,6 +135,7 @@ class DramatiqExecutor:
     async def run(self, request: StepRequest, *, log: FilteringBoundLogger,
                   progress: Progress) -> StepReply:
         self._start()
+        request = await self._with_archive(request)
         key = message_key(request)
         queue = queue_name(self.cluster.queue,
                            resource_of(request.step, self.settings.for_inbox(request.inbox)))
@@ -134,12 +147,30 @@ class DramatiqExecutor:
                                     exist_ok=True)
         self.waiting[key] = entry
         try:
+            if self._clearing is not None:  # a resumed backend's mark goes before any send
+                await asyncio.shield(self._clearing)
             await self._dispatch(entry)
             reply = await entry.reply
         finally:
             self.waiting.pop(key, None)
         await self._taken(entry, reply)
         return reply
+
+    async def _with_archive(self, request: StepRequest) -> StepRequest:
+        """A download step names the archive every worker reads (through its path_map) and
+        the daemon records into when the job is done; its folder is made here, so a worker
+        that cannot see it fails the step instead of downloading a link again."""
+        if request.label != "download":
+            return request
+        archive, source = download_archive(self.settings)
+        if archive not in self._archives:
+            self._archives.add(archive)
+            with contextlib.suppress(OSError):  # a worker that cannot reach it says so
+                await asyncio.to_thread(archive.parent.mkdir, parents=True, exist_ok=True)
+            self.log.info("download_archive", path=str(archive), set_by=source,
+                          note="on storage every worker sees; they read it through path_map")
+        return dataclasses.replace(request, settings={**request.settings,
+                                                      "archive": str(archive)})
 
     async def _dispatch(self, entry: InFlight) -> None:
         """The stored reply, or the message in flight, or a new message."""
@@ -206,6 +237,43 @@ class DramatiqExecutor:
         if not kept:
             self.taken.pop(job_id, None)
 
+    # --- backends paused for the whole site -------------------------------------------------
+
+    def backend_changed(self, backend: str, reason: str | None) -> None:
+        """On resume (reason None) the workers' mark of `backend` is deleted; a pause needs
+        nothing here (the worker that saw the error left the mark)."""
+        if reason is not None:
+            return
+        self.resumed_at[backend] = time.monotonic()
+        self._clearing = asyncio.get_running_loop().create_task(
+            self._clear_pause(backend, self._clearing))
+
+    async def _clear_pause(self, backend: str, before: asyncio.Task[None] | None) -> None:
+        if before is not None:
+            await before
+        while not self._closing:
+            try:
+                await self.redis.hdel(self.keys.paused, backend)
+                self.view.paused.pop(backend, None)
+                self.log.info("site_pause_cleared", backend=backend)
+                return
+            except RedisError as exc:
+                self._unreachable(exc)
+                await asyncio.sleep(RETRY_DELAY)
+
+    async def _read_pauses(self) -> None:
+        """The marks workers left: each backend paused here too (a mark read while a resume
+        was deleting it is not taken)."""
+        asked = time.monotonic()
+        marks = await self.redis.hgetall(self.keys.paused)
+        paused = {str(backend): pause for backend, raw in marks.items()
+                  if (pause := SitePause.decode(raw)) is not None
+                  and self.resumed_at.get(str(backend), -1.0) < asked}
+        self.view.paused = paused
+        for backend, pause in paused.items():
+            if self.on_paused is not None:
+                self.on_paused(backend, pause.reason)
+
     # --- watching the cluster ---------------------------------------------------------------
 
     async def _watch(self) -> None:
@@ -248,9 +316,11 @@ class DramatiqExecutor:
         if stale:
             await self.redis.hdel(self.keys.workers, *stale)
         depths = {q: int(await self.redis.llen(self.keys.queue(q))) for q in self.queues}
+        await self._read_pauses()
         # Each command of the sweeper broker also requeues the messages of dead workers.
         await asyncio.to_thread(self._maintain)
-        self.view = ClusterView([w for w in workers if w.worker not in stale], depths, True, now)
+        self.view = ClusterView([w for w in workers if w.worker not in stale], depths,
+                                self.view.paused, True, now)
         self._export()
         for entry in self.waiting.values():
             if (holder := self.view.holder(entry.key, self.cluster.lease)) is not None:
@@ -319,6 +389,8 @@ class DramatiqExecutor:
             "broker": redact_url(self.cluster.broker or ""),
             "reachable": self.view.reachable,
             "queues": dict(self.view.depths),
+            "paused": {backend: {"reason": p.reason, "worker": p.worker, "at": p.at}
+                       for backend, p in self.view.paused.items()},
             "workers": [{
                 "worker": w.worker, "host": w.host, "pid": w.pid, "queues": list(w.queues),
                 "threads": w.threads, "busy": w.busy, "last_heartbeat": w.at,

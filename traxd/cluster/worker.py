@@ -1,10 +1,12 @@
 """`traxd worker`: runs the daemon's step requests with the same step code, on this machine.
 
-One process holds a Dramatiq Worker whose threads hand each message to one asyncio loop
-running LocalExecutors built from this machine's own config (its keys come from its own
-environment). Each delivery writes into a folder of its own inside the step's folder; the
-reply names what it wrote, is stored in Redis before the message is acknowledged, and
-carries the daemon's paths again. A heartbeat says who runs what.
+One process holds a Dramatiq Worker per queue it takes (its own broker and connections; as
+many threads as `[cluster] concurrency` gives that resource, else --threads), whose threads
+hand each message to one asyncio loop running LocalExecutors built from this machine's own
+config (its keys come from its own environment). Each delivery writes into a folder of its
+own inside the step's folder; the reply names what it wrote, is stored in Redis before the
+message is acknowledged, and carries the daemon's paths again. A heartbeat says who runs
+what.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from redis.exceptions import RedisError
 from structlog.typing import FilteringBoundLogger
 
 from traxd.cluster.broker import make_broker
+from traxd.cluster.limits import SharedLimits
 from traxd.cluster.pathmap import PathMap
 from traxd.cluster.protocol import (
     ACTOR,
@@ -37,17 +40,20 @@ from traxd.cluster.protocol import (
     REPLY_TTL,
     Heartbeat,
     Keys,
+    SitePause,
     encode_reply,
     queue_name,
 )
 from traxd.config import Settings
-from traxd.errors import Permanent
+from traxd.errors import BackendFatal, Category, Permanent
 from traxd.executor import LocalExecutor, StepReply, StepRequest
-from traxd.logs import get_logger
-from traxd.pipeline.registry import StepRegistry
+from traxd.logs import Redactor, get_logger
+from traxd.pipeline.registry import StepRegistry, backend_of
+from traxd.ratelimit import share_limits
 
 WORKER_MARK = "TRAXD_WORKER"  # in the environment of every process a worker starts
 BEAT_MAX = 5.0  # seconds between heartbeats at most, whatever the lease
+SITE_PAUSED = "site_paused"  # the reason of a step handed back unrun
 STORE_PATIENCE = 600.0  # seconds a finished step's reply waits for Redis to come back
 # Settings of a step that belong to the machine running it, not to the daemon that asks.
 MACHINE_KEYS = frozenset({"device", "compute_type", "processes", "threads",
@@ -76,6 +82,8 @@ def path_problem(request: StepRequest, paths: PathMap, worker: str) -> Permanent
     needed = [request.source, request.input]
     if request.workdir is not None:
         needed.append(str(Path(request.workdir).parent))
+    if request.label == "download" and (archive := request.settings.get("archive")):
+        needed.append(str(Path(archive).parent))
     missing = next((p for p in needed if not Path(p).exists()), None)
     if missing is None:
         return None
@@ -94,18 +102,26 @@ class StepWorker:
         self.paths = PathMap(settings.cluster.path_map)
         self.keys = Keys(settings.cluster.queue)
         self.queues = tuple(queue_name(settings.cluster.queue, r) for r in resources)
-        self.broker = make_broker(settings.cluster, resources=resources)
+        self.concurrency = {r: settings.cluster.threads_for(r, threads) for r in resources}
+        self.brokers = {r: make_broker(settings.cluster, resources=(r,)) for r in resources}
+        self.broker = self.brokers[resources[0]]  # also for this worker's own keys
+        assert settings.cluster.broker is not None
+        self.limits = SharedLimits(settings.cluster.broker, self.keys)
+        share_limits(self.limits)  # provider limits count every worker of the site
         self.log = get_logger(component="worker", worker=self.id)
+        self.redactor = Redactor.of_environment(settings.key_variables, files=settings.key_files)
         self.loop = asyncio.new_event_loop()
         self.executors: dict[tuple[Any, ...], LocalExecutor] = {}
         self.running: dict[str, float] = {}  # message key -> progress
         self.labels: dict[str, str] = {}
+        self.archives: set[str] = set()  # download archives this worker said it uses
         self.futures: dict[str, concurrent.futures.Future[StepReply]] = {}
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         os.environ[WORKER_MARK] = self.id
-        dramatiq.Actor(self.handle, broker=self.broker, actor_name=ACTOR,
-                       queue_name=self.queues[0], priority=0, options={})
+        for resource, broker in self.brokers.items():
+            dramatiq.Actor(self.handle, broker=broker, actor_name=ACTOR, priority=0, options={},
+                           queue_name=queue_name(settings.cluster.queue, resource))
 
     @property
     def beat_interval(self) -> float:
@@ -149,24 +165,86 @@ class StepWorker:
         if (problem := path_problem(request, self.paths, self.id)) is not None:
             log.error("step_path_unseen", error=problem.message)
             return StepReply.failed(problem)
+        settings = worker_settings(self.settings, request)
+        self._note_archive(settings, request, log)
+        backend = backend_of(request.step, settings)
+        if (handed_back := self._paused_for_site(backend, log)) is not None:
+            return handed_back
         if request.workdir is not None:
             delivery = f"{self.host}-{self.pid}-{uuid.uuid4().hex[:8]}"
             request = dataclasses.replace(request, workdir=str(Path(request.workdir) / delivery))
+        reply = self._execute(request, settings, key, log)
+        if reply is None:
+            return None
+        if (error := reply.error) is not None:  # the daemon's redactor knows not our keys
+            error = dataclasses.replace(error, message=self.redactor.text(error.message))
+            reply = dataclasses.replace(reply, error=error)
+            if error.category is Category.FATAL and error.backend:
+                self._pause_site(error.backend, error.message, log)
+        return StepReply.from_json(self.paths.reply_to_daemon(reply.to_json()))
 
+    def _note_archive(self, settings: Settings, request: StepRequest,
+                      log: FilteringBoundLogger) -> None:
+        """Where this worker looks for links already downloaded, said once per archive."""
+        if request.label != "download":
+            return
+        archive = str(settings.download.archive or "")
+        with self.lock:
+            if archive in self.archives:
+                return
+            self.archives.add(archive)
+        if settings.download.archive is None:  # a daemon that sends none (older traxd)
+            log.warning("download_archive", path=str(
+                settings.daemon.state_dir / "download-archive.txt"),
+                note="this worker's own state_dir: not shared with the daemon or other "
+                "workers; set [download] archive on the daemon, on shared storage")
+            return
+        log.info("download_archive", path=archive, daemon_path=self.paths.to_daemon(archive))
+
+    def _execute(self, request: StepRequest, settings: Settings, key: str,
+                 log: FilteringBoundLogger) -> StepReply | None:
         def progress(fraction: float) -> None:
             self.running[key] = fraction
 
-        executor = self._executor(worker_settings(self.settings, request))
         future = asyncio.run_coroutine_threadsafe(
-            executor.run(request, log=log, progress=progress), self.loop)
+            self._executor(settings).run(request, log=log, progress=progress), self.loop)
         with self.lock:
             self.futures[key] = future
         try:
-            reply = future.result()
+            return future.result()
         except concurrent.futures.CancelledError:
             log.warning("step_abandoned", why="the worker is stopping; the daemon sends it again")
             return None
-        return StepReply.from_json(self.paths.reply_to_daemon(reply.to_json()))
+
+    # --- backends paused for the whole site -------------------------------------------------
+
+    def _paused_for_site(self, backend: str | None,
+                         log: FilteringBoundLogger) -> StepReply | None:
+        """The step handed back unrun when a worker paused its backend: the daemon keeps
+        the job waiting (not failed) until `traxd resume`."""
+        if backend is None:
+            return None
+        try:
+            pause = SitePause.decode(self.broker.client.hget(self.keys.paused, backend))
+        except RedisError as exc:
+            log.warning("site_pause_unknown", backend=backend, error=str(exc))
+            return None
+        if pause is None:
+            return None
+        log.warning("step_handed_back", backend=backend, paused_by=pause.worker,
+                    why="the backend is paused for the whole site; `traxd resume` continues")
+        return StepReply.failed(BackendFatal(pause.reason, backend=backend, reason=SITE_PAUSED))
+
+    def _pause_site(self, backend: str, reason: str, log: FilteringBoundLogger) -> None:
+        """Every worker stops running steps of `backend` from now on, not only once the
+        daemon has this reply."""
+        try:
+            self.broker.client.hset(self.keys.paused, backend,
+                                    SitePause(reason, self.id, time.time()).encode())
+        except RedisError as exc:  # the daemon still pauses it when the reply arrives
+            log.error("site_pause_not_written", backend=backend, error=str(exc))
+            return
+        log.error("backend_paused_for_site", backend=backend, reason=reason)
 
     def _executor(self, settings: Settings) -> LocalExecutor:
         which = (settings.transcribe, settings.enhance, settings.download)
@@ -198,15 +276,16 @@ class StepWorker:
 
     def heartbeat(self) -> Heartbeat:
         with self.lock:
-            return Heartbeat(self.id, self.host, self.pid, self.resources, self.threads,
-                             time.time(), dict(self.running), dict(self.labels))
+            return Heartbeat(self.id, self.host, self.pid, self.resources,
+                             sum(self.concurrency.values()), time.time(), dict(self.running),
+                             dict(self.labels), dict(self.concurrency))
 
     def _beat_loop(self) -> None:
         while not self.stopping.wait(self.beat_interval):
             try:
                 self.broker.client.hset(self.keys.workers, self.id, self.heartbeat().encode())
-                for queue in self.queues:  # Dramatiq's own liveness mark for this process
-                    self.broker.do_qsize(queue)
+                for resource, broker in self.brokers.items():  # Dramatiq's liveness mark
+                    broker.do_qsize(queue_name(self.settings.cluster.queue, resource))
                 self._reap_dead_neighbours()
             except RedisError as exc:
                 self.log.warning("heartbeat_failed", error=str(exc))
@@ -239,28 +318,41 @@ class StepWorker:
     def serve(self, stop: threading.Event) -> int:
         loop_thread = threading.Thread(target=self.loop.run_forever, name="steps", daemon=True)
         loop_thread.start()
-        worker = dramatiq.Worker(self.broker, queues=set(self.queues), worker_threads=self.threads)
-        worker.queue_prefetch = self.threads  # no message waits here while another worker idles
-        worker.start()
+        workers = [self._consume(resource) for resource in self.resources]
         beats = threading.Thread(target=self._beat_loop, name="heartbeat", daemon=True)
         beats.start()
-        self.log.info("worker_ready", queues=list(self.queues), threads=self.threads,
+        self.log.info("worker_ready", queues=list(self.queues), concurrency=self.concurrency,
+                      threads=sum(self.concurrency.values()),
                       broker_lease=self.settings.cluster.lease)
         stop.wait()
         self.log.info("worker_stopping", running=len(self.running))
-        self._stop(worker)
+        self._stop(workers)
         return 0
 
-    def _stop(self, worker: dramatiq.Worker) -> None:
+    def _consume(self, resource: str) -> dramatiq.Worker:
+        """The Dramatiq Worker of one queue: at most its concurrency of steps at once."""
+        threads = self.concurrency[resource]
+        worker = dramatiq.Worker(self.brokers[resource], worker_threads=threads,
+                                 queues={queue_name(self.settings.cluster.queue, resource)})
+        worker.queue_prefetch = threads  # no message waits here while another worker idles
+        worker.start()
+        return worker
+
+    def _stop(self, workers: list[dramatiq.Worker]) -> None:
         grace = self.settings.daemon.shutdown_grace
-        stopper = threading.Thread(target=worker.stop, kwargs={"timeout": int(grace * 1000)})
-        stopper.start()
-        stopper.join(grace)
+        stoppers = [threading.Thread(target=w.stop, kwargs={"timeout": int(grace * 1000)})
+                    for w in workers]
+        deadline = time.monotonic() + grace
+        for stopper in stoppers:
+            stopper.start()
+        for stopper in stoppers:
+            stopper.join(max(deadline - time.monotonic(), 0.0))
         with self.lock:
             futures = list(self.futures.values())
         for future in futures:
             future.cancel()
-        stopper.join()
+        for stopper in stoppers:
+            stopper.join()
         self.stopping.set()
         try:
             self.broker.client.hdel(self.keys.workers, self.id)
@@ -268,8 +360,11 @@ class StepWorker:
             self.log.warning("heartbeat_not_removed", error=str(exc))
         for executor in list(self.executors.values()):
             asyncio.run_coroutine_threadsafe(executor.aclose(), self.loop).result(30)
+        asyncio.run_coroutine_threadsafe(self.limits.aclose(), self.loop).result(30)
+        share_limits(None)
         self.loop.call_soon_threadsafe(self.loop.stop)
-        self.broker.close()
+        for broker in self.brokers.values():
+            broker.close()
         self.log.info("worker_stopped")
 
 

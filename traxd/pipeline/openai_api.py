@@ -18,13 +18,14 @@ from openai import AsyncOpenAI
 from traxd import metrics
 from traxd.errors import BackendFatal, Category, Permanent, Retry, TraxdError, classify_http_status
 from traxd.logs import get_logger, redact_text
-from traxd.ratelimit import RateLimiter
+from traxd.ratelimit import make_limiter
 
 T = TypeVar("T")
 DEFAULT_HOST = "api.openai.com"
 RATE_LIMIT_WAIT = 600.0  # seconds of 429 answers one request waits out before it fails
 RATE_LIMIT_BACKOFF = (1.0, 60.0)  # first and longest wait after a 429 without Retry-After
 CONNECT_TIMEOUT = 30.0
+SLOT_LEASE_MARGIN = 30.0  # seconds a site-wide slot outlives its request's timeout
 
 
 class UnusableAnswer(Exception):
@@ -102,7 +103,8 @@ class OpenAIEndpoint:
         self.read_timeout = min(timeout, stall_seconds or timeout)
         self.rate_limit_wait = rate_limit_wait
         self.provider = provider_label(base_url)
-        self.limiter = RateLimiter(requests_per_minute, max_concurrent)
+        self.limiter = make_limiter(f"{backend}:{self.provider}", requests_per_minute,
+                                    max_concurrent, lease=timeout + SLOT_LEASE_MARGIN)
         self._client: AsyncOpenAI | None = None
         self._key: str | None = None
         self._stale: list[AsyncOpenAI] = []
@@ -138,7 +140,9 @@ class OpenAIEndpoint:
     def _where_to_put_it(self) -> str:
         if self.api_key_file is not None:
             return f"put the key in {self.api_key_file} (a file of its own, readable by traxd)"
-        return (f"set {self.api_key_env} in the daemon's environment (the systemd unit's "
+        # A `traxd worker` (traxd.cluster.worker marks its processes) reads its own keys.
+        whose = f"worker {worker}'s" if (worker := os.environ.get("TRAXD_WORKER")) else "daemon's"
+        return (f"set {self.api_key_env} in the {whose} environment (the systemd unit's "
                 "Environment= or EnvironmentFile=, the launchd plist's EnvironmentVariables), "
                 "or name a file with api_key_file and put the key there")
 
