@@ -29,6 +29,14 @@ def sample(text: str, name: str, **labels: str) -> float | None:
     return None
 
 
+def _scraped_with(url: str, name: str, count: float) -> str | None:
+    """/metrics, once its `name` series of inbox main has reached `count`; else None."""
+    _, text = http_get(f"{url}/metrics")
+    return text if (sample(text, name, inbox="main") or 0) >= count and (
+        sample(text, "traxd_jobs_completed_total", inbox="main", outcome="failed") or 0) >= 1 \
+        else None
+
+
 def test_metrics_move_and_prometheus_scrapes_the_daemon(tmp_path: Path,
                                                          prometheus: PrometheusFactory) -> None:
     # Given a daemon serving /metrics on a free port
@@ -51,8 +59,11 @@ def test_metrics_move_and_prometheus_scrapes_the_daemon(tmp_path: Path,
             (root / "inbox" / name).write_bytes(data)
         wait_until(lambda: len(files_under(root / "done")) == 2
                    and "bad.mp3" in files_under(root / "failed"), 30, message="processed")
-        # Then /metrics counts them
-        _, after = http_get(f"{url}/metrics")
+        # Then /metrics counts them (a job is counted once the journal has it finished,
+        # just after its file moved)
+        after = wait_until(lambda: _scraped_with(url, "traxd_job_duration_seconds_count", 2),
+                           30, message="both jobs counted")
+        assert after is not None
         assert sample(after, "traxd_jobs_completed_total", inbox="main", outcome="done") == 2
         assert sample(after, "traxd_jobs_completed_total", inbox="main", outcome="failed") == 1
         assert sample(after, "traxd_files_discovered_total", inbox="main") == 3
