@@ -121,9 +121,19 @@ class ChunkTarget:
 
     format: AudioFormat = WAV
     seconds: float | None = DEFAULT_CHUNK_SECONDS
+    # Audio at least `piece_seconds` long per piece is cut into up to `pieces` about equal
+    # chunks (one per model process) when that makes more than `seconds` would.
+    pieces: int = 1
+    piece_seconds: float = 0.0
+
+    def pieces_for(self, duration: float) -> int:
+        if self.pieces <= 1 or self.piece_seconds <= 0:
+            return 1
+        return max(1, min(self.pieces, math.floor(duration / self.piece_seconds)))
 
     def to_settings(self) -> dict[str, Any]:
-        return {"chunk_format": self.format.suffix.lstrip("."), "chunk_seconds": self.seconds}
+        return {"chunk_format": self.format.suffix.lstrip("."), "chunk_seconds": self.seconds,
+                "chunk_pieces": self.pieces, "chunk_piece_seconds": self.piece_seconds}
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> ChunkTarget:
@@ -131,7 +141,9 @@ class ChunkTarget:
         if name not in CHUNK_FORMATS:
             raise ValueError(f"chunk_format must be one of {sorted(CHUNK_FORMATS)}, not {name!r}")
         seconds = settings.get("chunk_seconds", DEFAULT_CHUNK_SECONDS)
-        return cls(CHUNK_FORMATS[name], None if seconds is None else float(seconds))
+        return cls(CHUNK_FORMATS[name], None if seconds is None else float(seconds),
+                   int(settings.get("chunk_pieces", 1)),
+                   float(settings.get("chunk_piece_seconds", 0.0)))
 
 
 def chunk_target(backend: str, chunk_seconds: float) -> ChunkTarget:
@@ -464,13 +476,32 @@ def plan_cuts(
     return cuts
 
 
+def even_cuts(duration: float, pieces: int,
+              silences: Sequence[tuple[float, float]]) -> list[float]:
+    """Cut points into `pieces` about equal parts: each in the longest pause within a tenth
+    of a part of its even place, else at that place."""
+    part = duration / pieces
+    cuts = []
+    for k in range(1, pieces):
+        cut = _pause_in(silences, k * part - part / 10, k * part + part / 10)
+        cuts.append(k * part if cut is None else cut)
+    return cuts
+
+
 def chunk_spans(duration: float, chunk_seconds: float,
-                silences: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
-    """(start, end) of each chunk. A cut in a pause is where one chunk ends and the next
-    begins; a cut with no pause (continuous noise or speech) is overlapped by OVERLAP on
-    each side (at most a quarter of a chunk), so that a word it would split is whole in
-    both chunks (merging drops the copy)."""
-    bounds = [0.0, *plan_cuts(duration, chunk_seconds, silences), duration]
+                silences: Sequence[tuple[float, float]],
+                pieces: int = 1) -> list[tuple[float, float]]:
+    """(start, end) of each chunk: none longer than chunk_seconds, and at least `pieces`
+    of them. A cut in a pause is where one chunk ends and the next begins; a cut with no
+    pause (continuous noise or speech) is overlapped by OVERLAP on each side (at most a
+    quarter of a chunk), so that a word it would split is whole in both chunks (merging
+    drops the copy)."""
+    if pieces > 1 and pieces > math.ceil(duration / chunk_seconds):
+        cuts = even_cuts(duration, pieces, silences)
+        chunk_seconds = duration / pieces
+    else:
+        cuts = plan_cuts(duration, chunk_seconds, silences)
+    bounds = [0.0, *cuts, duration]
     overlap = min(OVERLAP, chunk_seconds / 4)
     spans = []
     for cut_in, cut_out in itertools.pairwise(bounds):
@@ -592,12 +623,13 @@ async def _mend(ctx: StepContext, info: MediaInfo, stream: AudioStream, audio: P
 async def _split(audio: Path, duration: float, target: ChunkTarget, tools: Tools,
                  ctx: StepContext, folder: Path) -> tuple[Chunk, ...]:
     limit = duration if target.seconds is None else target.seconds
-    if duration <= limit and target.format is WAV:
+    pieces = target.pieces_for(duration)
+    if duration <= limit and pieces == 1 and target.format is WAV:
         return (Chunk(audio, 0.0, duration),)
     silences = (await detect_silences(audio, tools, ctx.limits, duration, folder)
-                if duration > limit else [])
+                if duration > limit or pieces > 1 else [])
     chunks = []
-    for index, (start, end) in enumerate(chunk_spans(duration, limit, silences)):
+    for index, (start, end) in enumerate(chunk_spans(duration, limit, silences, pieces)):
         path = folder / f"chunk-{index:03d}{target.format.suffix}"
         await convert(audio, path, target.format, tools, ctx.limits, start=start,
                       duration=end - start)
