@@ -26,13 +26,17 @@ def test_a_long_file_is_cut_at_a_pause_into_one_piece_per_process() -> None:
     silences = [(120.0, 120.5), (291.0, 291.4), (309.0, 310.0), (450.0, 451.0)]
     # When the chunks are planned
     spans = chunk_spans(600.0, 600.0, silences, pieces=2)
-    # Then there are two, cut in the longest pause near the middle, not overlapping
-    assert spans == [(0.0, 309.5), (309.5, 600.0)]
+    # Then there are two, cut in the pause nearest the middle, not overlapping
+    assert spans == [(0.0, 291.2), (291.2, 600.0)]
     # And without a pause near the middle, the cut overlaps on both sides
     assert chunk_spans(600.0, 600.0, [(120.0, 121.0)], pieces=2) == [(0.0, 302.0),
                                                                     (298.0, 600.0)]
-    # And a file long enough for more chunks than pieces keeps its chunk length
-    assert len(chunk_spans(1800.0, 600.0, [], pieces=2)) == 3
+    # And a file a little over the chunk length gets even pieces, not one and a rest
+    assert chunk_spans(611.0, 600.0, [(300.0, 301.0)], pieces=2) == [(0.0, 300.5),
+                                                                    (300.5, 611.0)]
+    # And a file long enough for more chunks than pieces gets even chunks of at most that
+    assert [round(e - s) for s, e in chunk_spans(1800.0, 600.0, [], pieces=2)] == [
+        602, 604, 602]
 
 
 def test_how_many_pieces_a_file_gets() -> None:

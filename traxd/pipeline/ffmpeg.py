@@ -478,27 +478,30 @@ def plan_cuts(
 
 def even_cuts(duration: float, pieces: int,
               silences: Sequence[tuple[float, float]]) -> list[float]:
-    """Cut points into `pieces` about equal parts: each in the longest pause within a tenth
-    of a part of its even place, else at that place."""
+    """Cut points into `pieces` about equal parts: each in the pause nearest its even place
+    within a tenth of a part, else at that place."""
     part = duration / pieces
     cuts = []
     for k in range(1, pieces):
-        cut = _pause_in(silences, k * part - part / 10, k * part + part / 10)
-        cuts.append(k * part if cut is None else cut)
+        place, lo, hi = k * part, k * part - part / 10, k * part + part / 10
+        middles = [(max(s, lo) + min(e, hi)) / 2 for s, e in silences if min(e, hi) > max(s, lo)]
+        cuts.append(min(middles, key=lambda m: abs(m - place), default=place))
     return cuts
 
 
 def chunk_spans(duration: float, chunk_seconds: float,
                 silences: Sequence[tuple[float, float]],
                 pieces: int = 1) -> list[tuple[float, float]]:
-    """(start, end) of each chunk: none longer than chunk_seconds, and at least `pieces`
-    of them. A cut in a pause is where one chunk ends and the next begins; a cut with no
-    pause (continuous noise or speech) is overlapped by OVERLAP on each side (at most a
-    quarter of a chunk), so that a word it would split is whole in both chunks (merging
-    drops the copy)."""
-    if pieces > 1 and pieces > math.ceil(duration / chunk_seconds):
-        cuts = even_cuts(duration, pieces, silences)
-        chunk_seconds = duration / pieces
+    """(start, end) of each chunk: none longer than chunk_seconds; with `pieces` > 1, at
+    least that many about equal ones (local model processes; each may then be a tenth
+    over chunk_seconds). A cut in a pause is where one chunk ends and the next begins; a
+    cut with no pause (continuous noise or speech) is overlapped by OVERLAP on each side
+    (at most a quarter of a chunk), so that a word it would split is whole in both chunks
+    (merging drops the copy)."""
+    if pieces > 1:
+        count = max(pieces, math.ceil(duration / chunk_seconds))
+        cuts = even_cuts(duration, count, silences)
+        chunk_seconds = duration / count
     else:
         cuts = plan_cuts(duration, chunk_seconds, silences)
     bounds = [0.0, *cuts, duration]
