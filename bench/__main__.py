@@ -3,7 +3,7 @@
     python -m bench [--quick] [NAME ...]
 
 NAME is a module under bench/ (idle, spine, commands, pickup, startup, backlog, transcribe,
-cluster);
+long, cluster);
 the default is all of them at their full sizes; --quick runs small sizes (a smoke test of
 the harness; its figures are not the ones the targets are about). Every benchmark is bounded
 in time by its own limits; a benchmark that outlives its backstop below is killed with its
@@ -40,6 +40,7 @@ BENCHMARKS = (
     Benchmark("startup", 1200, ("500",)),
     Benchmark("backlog", 1200, ("500",)),
     Benchmark("transcribe", 1800, ("--files", "2", "--sentences", "1")),
+    Benchmark("long", 1800, ("--minutes", "1.5", "--files", "4")),
     Benchmark("cluster", 1200, ("50",)),
 )
 

@@ -24,7 +24,8 @@ from bench.transcribe import SENTENCES, audio_seconds, context
 from tests.media.helpers import wer, words
 from traxd.config import Settings
 from traxd.logs import configure
-from traxd.pipeline.transcribe import LocalBackend, plan_workers, usable_cores
+from traxd.pipeline.plan import plan_workers, usable_cores
+from traxd.pipeline.transcribe import LocalBackend
 
 RATES = (160, 230)
 

@@ -29,7 +29,8 @@ import psutil
 from traxd.config import Settings
 from traxd.logs import configure, get_logger
 from traxd.pipeline.base import JobInfo, StepContext
-from traxd.pipeline.transcribe import LocalBackend, plan_workers, usable_cores
+from traxd.pipeline.plan import plan_workers, usable_cores
+from traxd.pipeline.transcribe import LocalBackend
 from traxd.pipeline.whisper_pool import model_path
 from traxd.procs import ProcessLimits
 

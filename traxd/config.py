@@ -81,6 +81,11 @@ class TranscribeSettings:
     chunk_seconds: float = 600.0
     beam_size: int = 5  # faster-whisper's own; 1: ~20 % less time, ~28 % more word errors
     vad_filter: bool = True  # local: skip non-speech (silence makes whisper invent words)
+    # local: audio at least this long goes through faster-whisper's BatchedInferencePipeline
+    # (batch_size windows decoded at once), and a file this long per model process is first
+    # cut at pauses into one piece per process; 0: neither (one file, one process, in order)
+    long_audio_seconds: float = 60.0
+    batch_size: int = 8
     word_timestamps: bool = False  # words with their times in the json output
     max_line_width: int | None = None  # srt/vtt: characters per line; None: no limit
     max_line_count: int | None = None  # srt/vtt: lines per cue; None: no limit
@@ -453,6 +458,7 @@ _TRANSCRIBE: dict[str, Converter] = {
     **_API, "backend": _choice("local", "openai"), "model": _STR, "language": _STR,
     "task": _choice("transcribe", "translate"),
     "chunk_seconds": _positive_duration, "beam_size": _INT_MIN1, "vad_filter": _BOOL,
+    "long_audio_seconds": parse_duration, "batch_size": _typed(int, minimum=1, maximum=64),
     "word_timestamps": _BOOL, "max_line_width": _typed(int, minimum=10),
     "max_line_count": _INT_MIN1, "subtitles": _choice("outputs", "beside", "library"),
     "library": _path,

@@ -36,7 +36,8 @@ from traxd.errors import (
 )
 from traxd.logs import redact_text
 from traxd.pipeline.base import NO_WORKDIR, JobInfo, Step, StepContext, StepResult
-from traxd.pipeline.ffmpeg import ChunkTarget, chunk_target
+from traxd.pipeline.ffmpeg import ChunkTarget
+from traxd.pipeline.plan import transcribe_target
 from traxd.pipeline.registry import StepRegistry, step_label
 from traxd.procs import ProcessLimits
 
@@ -232,8 +233,7 @@ def preprocess_settings(settings: Settings, later: Sequence[StepSpec]) -> dict[s
     """Chunks in the format and length that the transcription after preprocess takes; with
     no transcription after it, the whole audio as one wav."""
     if "transcribe" in later:
-        return chunk_target(settings.transcribe.backend,
-                            settings.transcribe.chunk_seconds).to_settings()
+        return transcribe_target(settings.transcribe).to_settings()
     return ChunkTarget(seconds=None).to_settings()
 
 

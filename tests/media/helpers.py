@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import re
 import subprocess
 import wave
@@ -48,3 +49,40 @@ def loudness(path: Path, at: float, span: float = 0.1) -> float:
     if not samples:
         return 0.0
     return float((sum(s * s for s in samples) / len(samples)) ** 0.5 / 32768)
+
+
+_SUBJECTS = ("the committee", "our neighbor", "the young teacher", "a tired driver",
+             "the old captain", "my sister", "the engineers", "a quiet student",
+             "the city council", "the farmer")
+_VERBS = ("painted", "repaired", "carried", "described", "visited", "cleaned", "ordered",
+          "followed", "opened", "borrowed")
+_OBJECTS = ("a wooden boat", "the broken fence", "several heavy boxes", "the green garden",
+            "a small museum", "the long bridge", "a yellow bicycle", "the empty station",
+            "the market square", "an ancient map")
+_WHEN = ("early in the morning", "after the storm", "before lunch", "during the winter",
+         "on a rainy evening", "late at night", "last weekend", "in the spring",
+         "after the meeting", "before the holiday")
+_WHY = ("because the weather was calm", "while the children were singing",
+        "although nobody asked", "so that everyone could see it",
+        "when the bells started ringing", "as the river began to rise")
+
+
+def varied_sentences(count: int, seed: int = 14) -> list[str]:
+    """`count` sentences of about 15 words, rarely the same twice (whisper drops a window
+    whose text compresses too well: a long file of one repeated sentence is no test)."""
+    rng = random.Random(seed)
+    sentences = []
+    for _ in range(count):
+        words = " ".join(rng.choice(part) for part in (_SUBJECTS, _VERBS, _OBJECTS, _WHEN, _WHY))
+        sentences.append(words[0].upper() + words[1:] + ".")
+    return sentences
+
+
+def espeak_wav(text: str, out: Path, rate: int = 160) -> Path:
+    """Speech for `text` as 16 kHz mono wav (what preprocess hands over)."""
+    raw = out.with_suffix(".raw.wav")
+    subprocess.run(["espeak-ng", "-v", "en-us", "-s", str(rate), "-w", str(raw), text],
+                   check=True)
+    ffmpeg("-i", str(raw), "-ac", "1", "-ar", "16000", "-acodec", "pcm_s16le", str(out))
+    raw.unlink()
+    return out

@@ -17,7 +17,8 @@ import pytest
 from traxd.config import Settings
 from traxd.errors import BackendFatal, ResourceExceeded, Retry
 from traxd.pipeline.ffmpeg import PreprocessStep
-from traxd.pipeline.transcribe import LocalBackend, TranscribeStep, plan_workers
+from traxd.pipeline.plan import plan_workers
+from traxd.pipeline.transcribe import LocalBackend, TranscribeStep
 from traxd.pipeline.whisper_pool import WhisperProcess, model_path
 from traxd.procs import ProcessLimits
 

@@ -121,9 +121,19 @@ class ChunkTarget:
 
     format: AudioFormat = WAV
     seconds: float | None = DEFAULT_CHUNK_SECONDS
+    # Audio at least `piece_seconds` long per piece is cut into up to `pieces` about equal
+    # chunks (one per model process) when that makes more than `seconds` would.
+    pieces: int = 1
+    piece_seconds: float = 0.0
+
+    def pieces_for(self, duration: float) -> int:
+        if self.pieces <= 1 or self.piece_seconds <= 0:
+            return 1
+        return max(1, min(self.pieces, math.floor(duration / self.piece_seconds)))
 
     def to_settings(self) -> dict[str, Any]:
-        return {"chunk_format": self.format.suffix.lstrip("."), "chunk_seconds": self.seconds}
+        return {"chunk_format": self.format.suffix.lstrip("."), "chunk_seconds": self.seconds,
+                "chunk_pieces": self.pieces, "chunk_piece_seconds": self.piece_seconds}
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> ChunkTarget:
@@ -131,7 +141,9 @@ class ChunkTarget:
         if name not in CHUNK_FORMATS:
             raise ValueError(f"chunk_format must be one of {sorted(CHUNK_FORMATS)}, not {name!r}")
         seconds = settings.get("chunk_seconds", DEFAULT_CHUNK_SECONDS)
-        return cls(CHUNK_FORMATS[name], None if seconds is None else float(seconds))
+        return cls(CHUNK_FORMATS[name], None if seconds is None else float(seconds),
+                   int(settings.get("chunk_pieces", 1)),
+                   float(settings.get("chunk_piece_seconds", 0.0)))
 
 
 def chunk_target(backend: str, chunk_seconds: float) -> ChunkTarget:
@@ -478,13 +490,35 @@ def plan_cuts(
     return cuts
 
 
+def even_cuts(duration: float, pieces: int,
+              silences: Sequence[tuple[float, float]]) -> list[float]:
+    """Cut points into `pieces` about equal parts: each in the pause nearest its even place
+    within a tenth of a part, else at that place."""
+    part = duration / pieces
+    cuts = []
+    for k in range(1, pieces):
+        place, lo, hi = k * part, k * part - part / 10, k * part + part / 10
+        middles = [(max(s, lo) + min(e, hi)) / 2 for s, e in silences if min(e, hi) > max(s, lo)]
+        cuts.append(min(middles, key=lambda m: abs(m - place), default=place))
+    return cuts
+
+
 def chunk_spans(duration: float, chunk_seconds: float,
-                silences: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
-    """(start, end) of each chunk. A cut in a pause is where one chunk ends and the next
-    begins; a cut with no pause (continuous noise or speech) is overlapped by OVERLAP on
-    each side (at most a quarter of a chunk), so that a word it would split is whole in
-    both chunks (merging drops the copy)."""
-    bounds = [0.0, *plan_cuts(duration, chunk_seconds, silences), duration]
+                silences: Sequence[tuple[float, float]],
+                pieces: int = 1) -> list[tuple[float, float]]:
+    """(start, end) of each chunk: none longer than chunk_seconds; with `pieces` > 1, at
+    least that many about equal ones (local model processes; each may then be a tenth
+    over chunk_seconds). A cut in a pause is where one chunk ends and the next begins; a
+    cut with no pause (continuous noise or speech) is overlapped by OVERLAP on each side
+    (at most a quarter of a chunk), so that a word it would split is whole in both chunks
+    (merging drops the copy)."""
+    if pieces > 1:
+        count = max(pieces, math.ceil(duration / chunk_seconds))
+        cuts = even_cuts(duration, count, silences)
+        chunk_seconds = duration / count
+    else:
+        cuts = plan_cuts(duration, chunk_seconds, silences)
+    bounds = [0.0, *cuts, duration]
     overlap = min(OVERLAP, chunk_seconds / 4)
     spans = []
     for cut_in, cut_out in itertools.pairwise(bounds):
@@ -606,12 +640,13 @@ async def _mend(ctx: StepContext, info: MediaInfo, stream: AudioStream, audio: P
 async def _split(audio: Path, duration: float, target: ChunkTarget, tools: Tools,
                  ctx: StepContext, folder: Path) -> tuple[Chunk, ...]:
     limit = duration if target.seconds is None else target.seconds
-    if duration <= limit and target.format is WAV:
+    pieces = target.pieces_for(duration)
+    if duration <= limit and pieces == 1 and target.format is WAV:
         return (Chunk(audio, 0.0, duration),)
     silences = (await detect_silences(audio, tools, ctx.limits, duration, folder)
-                if duration > limit else [])
+                if duration > limit or pieces > 1 else [])
     chunks = []
-    for index, (start, end) in enumerate(chunk_spans(duration, limit, silences)):
+    for index, (start, end) in enumerate(chunk_spans(duration, limit, silences, pieces)):
         path = folder / f"chunk-{index:03d}{target.format.suffix}"
         await convert(audio, path, target.format, tools, ctx.limits, start=start,
                       duration=end - start)

@@ -12,7 +12,6 @@ import hashlib
 import importlib.util
 import json
 import math
-import os
 import time
 import warnings
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -33,7 +32,6 @@ from traxd.pipeline.ffmpeg import (
     Chunk,
     ChunkTarget,
     LazyTools,
-    chunk_target,
     prepare_audio,
 )
 from traxd.pipeline.formats import (
@@ -49,13 +47,13 @@ from traxd.pipeline.formats import (
     write_warnings,
 )
 from traxd.pipeline.openai_api import OpenAIEndpoint, UnusableAnswer, excerpt
+from traxd.pipeline.plan import local_plan, transcribe_target
 from traxd.pipeline.stitch import merge_chunks, split_at_silences
 from traxd.pipeline.tasks import gather_all
 from traxd.pipeline.whisper_pool import WhisperPool, WorkerSpec, model_path
 
 OPENAI_DEFAULT_MODEL = "whisper-1"
 ANSWERS = "transcribe-answers"  # in the job's folder: API answers per chunk, kept for retries
-MAX_AUTO_PROCESSES = 4  # each holds a copy of the model
 PREPARE_SHARE = 0.1  # of the step's progress, when it has to convert the audio itself
 
 
@@ -104,31 +102,6 @@ def backend_key(settings: TranscribeSettings) -> tuple[object, ...]:
 # --- local: faster-whisper ----------------------------------------------------------------
 
 
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        return os.cpu_count() or 1
-
-
-def has_nvidia_gpu() -> bool:
-    return Path("/proc/driver/nvidia/version").exists()
-
-
-def plan_workers(processes: int, threads: int, cores: int, gpu: bool) -> tuple[int, int]:
-    """(model processes, threads each); 0 means choose.
-
-    One process per GPU. On CPUs, files and chunks side by side in single-threaded
-    processes beat one process using all cores for one file at a time (bench/transcribe.py:
-    +20 % on 2 cores), up to MAX_AUTO_PROCESSES model copies; more cores go to threads.
-    """
-    if gpu:
-        procs = processes or 1
-        return procs, threads or max(1, min(4, cores // procs))
-    procs = processes or max(1, min(cores, MAX_AUTO_PROCESSES))
-    return procs, threads or max(1, cores // procs)
-
-
 class LocalBackend:
     """faster-whisper in model processes, started on first use and reused."""
 
@@ -143,10 +116,7 @@ class LocalBackend:
             if importlib.util.find_spec("faster_whisper") is None:
                 raise BackendFatal("the local backend needs faster-whisper: "
                                    "pip install 'traxd[local]'", backend="local", reason="model")
-            gpu = self.settings.device == "cuda" or (
-                self.settings.device == "auto" and has_nvidia_gpu())
-            procs, threads = plan_workers(self.settings.processes, self.settings.threads,
-                                          usable_cores(), gpu)
+            procs, threads = local_plan(self.settings)
             spec = WorkerSpec(model_path(self.settings.model), self.settings.model,
                               self.settings.device, self.settings.compute_type, threads)
             self._pool = WhisperPool(spec, procs, self.settings.idle_unload_seconds,
@@ -162,8 +132,11 @@ class LocalBackend:
         # varying from run to run). Word times are mapped back one by one, and segments
         # take theirs. Cues split at word boundaries need word times too.
         words = ts.vad_filter or ts.word_timestamps or subtitle_options(ts).splits
+        batched = ts.long_audio_seconds > 0 and ts.vad_filter  # batches come from the VAD
         return {"audio": str(audio.absolute()), "language": spoken_language(ts),
                 "task": ts.task, "beam_size": ts.beam_size, "vad_filter": ts.vad_filter,
+                "batch_size": ts.batch_size if batched else 0,
+                "long_audio_seconds": ts.long_audio_seconds,
                 "word_timestamps": words}
 
     async def transcribe(self, audio: Path, ctx: StepContext,
@@ -171,6 +144,9 @@ class LocalBackend:
         async with self.pool().worker() as worker:
             data = await worker.transcribe(self.request(audio, settings), ctx.limits,
                                            ctx.progress)
+        if data.get("batched"):
+            ctx.log.info("transcribed_batched", chunk=audio.name,
+                         seconds=round(float(data["duration"]), 3))
         ctx.progress(1.0)
         return Transcript.from_dict(data)
 
@@ -423,7 +399,7 @@ class TranscribeStep:
         backend = self.backend_for(ts)
         ctx = dataclasses.replace(ctx, log=ctx.log.bind(backend=backend.name))
         chunks, duration, start, warnings = await self._chunks(
-            ctx, chunk_target(backend.name, ts.chunk_seconds))
+            ctx, transcribe_target(ts, backend.name))
         progress = ChunkProgress(ctx.progress, [c.duration for c in chunks], start)
         parts = await self._transcribe_all(chunks, progress, ctx, backend)
         transcript = merge_chunks(parts, duration=duration)

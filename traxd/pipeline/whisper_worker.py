@@ -37,12 +37,36 @@ def load_model(args: argparse.Namespace) -> Any:
                         cpu_threads=args.threads, num_workers=1)
 
 
+SAMPLE_RATE = 16000  # what faster-whisper decodes to
+
+
+def decode(path: str) -> Any:
+    from faster_whisper import decode_audio
+
+    return decode_audio(path, sampling_rate=SAMPLE_RATE)
+
+
+def run_model(model: Any, request: dict[str, Any]) -> tuple[Any, Any, bool]:
+    """faster-whisper on the request's audio: windows decoded a batch at a time
+    (BatchedInferencePipeline) when it is at least `long_audio_seconds` long and the
+    request has a batch size, else one window after another; (segments, info, batched)."""
+    audio = decode(request["audio"])
+    options = {"language": request.get("language"), "task": request.get("task", "transcribe"),
+               "beam_size": request["beam_size"], "vad_filter": request["vad_filter"],
+               "word_timestamps": bool(request.get("word_timestamps", False))}
+    batch = int(request.get("batch_size") or 0)
+    batched = bool(batch) and len(audio) >= float(request["long_audio_seconds"]) * SAMPLE_RATE
+    if batched:
+        from faster_whisper import BatchedInferencePipeline
+
+        model = BatchedInferencePipeline(model)
+        options["batch_size"] = batch
+    segments, info = model.transcribe(audio, **options)
+    return segments, info, batched
+
+
 def transcribe(model: Any, label: str, request: dict[str, Any], out: TextIO) -> dict[str, Any]:
-    segments, info = model.transcribe(
-        request["audio"], language=request.get("language"),
-        task=request.get("task", "transcribe"), beam_size=request["beam_size"],
-        vad_filter=request["vad_filter"],
-        word_timestamps=bool(request.get("word_timestamps", False)))
+    segments, info, batched = run_model(model, request)
     kept = []
     for segment in segments:
         kept.append({"start": segment.start, "end": segment.end, "text": segment.text.strip(),
@@ -55,7 +79,8 @@ def transcribe(model: Any, label: str, request: dict[str, Any], out: TextIO) -> 
     # A language given in the request was not detected: it has no probability.
     probability = None if request.get("language") else info.language_probability
     transcript = {"language": info.language, "duration": info.duration, "model": label,
-                  "language_probability": probability, "segments": kept}
+                  "language_probability": probability, "segments": kept,
+                  "batched": batched}
     return {"event": "result", "transcript": transcript}
 
 
