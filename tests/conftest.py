@@ -1,10 +1,20 @@
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
 
 from traxd.config import DaemonSettings, InboxSettings, Settings
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Ctrl-C reaches the programs the tests start as it does from a terminal, also when
+    the suite itself runs in the background (a non-interactive shell starts background
+    jobs with SIGINT ignored, and the children inherit that: `traxd batch` would not
+    stop on the test's Ctrl-C)."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture

@@ -187,10 +187,13 @@ def test_each_step_gets_its_own_settings_only(settings: Settings) -> None:
         settings.transcribe, backend="openai", chunk_seconds=10800.0))
     # When preprocess comes before transcribe, it gets mp3 chunks that fit one upload
     before = step_settings("preprocess", settings, ["transcribe"])
-    assert before == {"chunk_format": "mp3", "chunk_seconds": MP3.max_upload_seconds}
+    # (one piece: cutting per model process is the local backend's)
+    assert before == {"chunk_format": "mp3", "chunk_seconds": MP3.max_upload_seconds,
+                      "chunk_pieces": 1, "chunk_piece_seconds": 0.0}
     # And with no transcription after it, the whole audio as one wav
     assert step_settings("preprocess", settings, [COMMAND]) == {
-        "chunk_format": "wav", "chunk_seconds": None}
+        "chunk_format": "wav", "chunk_seconds": None, "chunk_pieces": 1,
+        "chunk_piece_seconds": 0.0}
     # And transcribe gets its own section; command steps and plug-ins get nothing
     assert step_settings("transcribe", settings, [])["backend"] == "openai"
     assert step_settings("enhance", settings, [])["model"] == settings.enhance.model
